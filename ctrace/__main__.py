@@ -1,0 +1,3 @@
+from ctrace.cli import run
+
+run()
