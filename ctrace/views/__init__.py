@@ -1,0 +1,1 @@
+"""Views over model snapshots: top, report, export. They import only ctrace.model and ctrace.abi."""
