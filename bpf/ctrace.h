@@ -88,6 +88,8 @@ enum ct_tcp_state {
 /* ct_event.flags */
 #define CT_FLAG_START_KNOWN 0x01 /* start_boot_ns is the real insert time */
 #define CT_FLAG_SYNTHETIC 0x02   /* produced by a model, not a kernel */
+#define CT_FLAG_ORPHANED 0x04    /* an ORPHAN record was emitted for this entry before this one */
+/* 0x80 is reserved for user space (the model marks live orphans with it). */
 
 /* ct_event.status_raw bits used by user space (kernel enum ip_conntrack_status) */
 #define CT_IPS_SEEN_REPLY 0x02

@@ -1,0 +1,707 @@
+/* ctrace BPF programs (bcc). One text, compiled once per run; which programs
+ * are attached, and how, is decided by ctrace/kernel.py (ProbePlan) and done
+ * by ctrace/sources/live.py. docs/PROBES.md explains every probe.
+ *
+ * Records: bpf/ctrace.h (struct ct_event). Configuration arrives as -D flags:
+ *   CT_RINGBUF, CT_RING_PAGES   ring buffer (else perf buffer)
+ *   CT_HAVE_BOOT_NS, CT_HAVE_JIFFIES64
+ *   CT_MAP_ENTRIES              live-entry maps (>= nf_conntrack_max)
+ *   CT_IP_ENTRIES               per netns+IP aggregate map
+ *
+ * Entry/return pairs (kprobe+kretprobe) hand arguments to the return probe
+ * through a small per-CPU stack per function: these functions never sleep and
+ * run with bottom halves or preemption effectively off, so a softirq nesting
+ * on the same CPU pushes and pops above its interrupted caller.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/skbuff.h>
+#include <net/sock.h>
+#include <net/net_namespace.h>
+#include <net/netfilter/nf_conntrack.h>
+#include "ctrace.h"
+
+#ifndef CT_MAP_ENTRIES
+#define CT_MAP_ENTRIES 262144
+#endif
+#ifndef CT_IP_ENTRIES
+#define CT_IP_ENTRIES 65536
+#endif
+#ifndef CT_RING_PAGES
+#define CT_RING_PAGES 4096
+#endif
+
+#define CT_NKINDS 16
+#define CT_NLOST 8
+#define CT_NREASON 8
+
+/* ---------------------------------------------------------------- maps */
+
+/* Events lost, per cause (enum ct_lost_cause), summed over CPUs by user space. */
+BPF_PERCPU_ARRAY(lost, u64, CT_NLOST);
+/* Events produced (handed over or lost), per kind: conservation checks. */
+BPF_PERCPU_ARRAY(produced, u64, CT_NKINDS);
+
+static __always_inline void lost_inc(u32 cause)
+{
+	u64 *v = lost.lookup(&cause);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void produced_inc(u32 kind)
+{
+	u64 *v = produced.lookup(&kind);
+	if (v)
+		*v += 1;
+}
+
+#include "compat.h"
+
+/* A confirmed entry we saw inserted: when, and what we already said about it. */
+struct ct_live {
+	u64 start_ns;
+	u32 flags; /* CT_LIVE_* */
+	u32 _pad;
+};
+#define CT_LIVE_ORPHANED 0x1
+BPF_HASH(ctlive, u64, struct ct_live, CT_MAP_ENTRIES);
+
+/* (netns, original tuple) -> entry pointer, for sockets to find their entry. */
+struct ct_tkey {
+	u32 netns;
+	u8 family;
+	u8 proto;
+	u16 sport_be;
+	u16 dport_be;
+	u16 _pad;
+	u8 src[16];
+	u8 dst[16];
+};
+BPF_HASH(tuples, struct ct_tkey, u64, CT_MAP_ENTRIES);
+
+/* Entries whose removal was already reported (nf_ct_delete seen): the free
+ * path must not report them again. Cleared when the entry is freed. */
+BPF_LRU_HASH(gone, u64, u8, 65536);
+
+/* Per netns + original source IP aggregates. */
+struct ct_ipkey {
+	u32 netns;
+	u8 family;
+	u8 _pad[3];
+	u8 addr[16];
+};
+struct ct_ipval {
+	u64 created;
+	u64 destroyed[CT_NREASON]; /* by enum ct_destroy_reason */
+	u64 orphans;
+	u64 drop_table_full;
+	u64 drop_insert_failed;
+};
+BPF_HASH(ipstats, struct ct_ipkey, struct ct_ipval, CT_IP_ENTRIES);
+
+/* Removal-path caller tags (enum ct_destroy_reason). early_drop runs in the
+ * packet path and never sleeps: a per-CPU slot. ctnetlink delete/flush and
+ * netns cleanup run in a task that may reschedule: keyed by task. */
+BPF_PERCPU_ARRAY(cpu_reason, u32, 1);
+BPF_HASH(task_reason, u64, u32, 1024);
+
+/* Entry arguments for return probes. */
+#define ST_CONFIRM 0
+#define ST_TCP 1
+#define ST_ALLOC 2
+#define ST_N 3
+#define ST_DEPTH 4
+struct ct_stash {
+	u32 depth;
+	u32 _pad;
+	u64 a[ST_DEPTH];
+	u64 b[ST_DEPTH];
+};
+BPF_PERCPU_ARRAY(stash, struct ct_stash, ST_N);
+
+static __always_inline void stash_push(u32 fn, u64 a, u64 b)
+{
+	struct ct_stash *s = stash.lookup(&fn);
+	if (!s)
+		return;
+	u32 d = s->depth;
+	if (d < ST_DEPTH) {
+		s->a[d & (ST_DEPTH - 1)] = a;
+		s->b[d & (ST_DEPTH - 1)] = b;
+	}
+	s->depth = d + 1;
+}
+
+static __always_inline int stash_pop(u32 fn, u64 *a, u64 *b)
+{
+	struct ct_stash *s = stash.lookup(&fn);
+	if (!s || s->depth == 0)
+		return 0;
+	u32 d = s->depth - 1;
+	s->depth = d;
+	if (d >= ST_DEPTH)
+		return 0;
+	*a = s->a[d & (ST_DEPTH - 1)];
+	*b = s->b[d & (ST_DEPTH - 1)];
+	return 1;
+}
+
+/* ---------------------------------------------------------------- reading entries */
+
+#define CT_NFCT_PTRMASK (~7UL) /* skb->_nfct: pointer | ctinfo (3 bits) */
+#define CT_IS_ERR(x) ((unsigned long)(x) >= (unsigned long)-4095)
+
+/* Everything ctrace reads from one struct nf_conn, in one place. */
+struct ct_info {
+	struct nf_conntrack_tuple orig;
+	struct nf_conntrack_tuple reply;
+	u32 status;
+	u32 timeout;
+	u32 netns;
+	u16 zone;
+	u8 tcp_state;
+	u8 _pad;
+};
+
+static __always_inline u32 net_inum(struct net *net)
+{
+	u32 inum = 0;
+	if (net)
+		bpf_probe_read_kernel(&inum, sizeof(inum), &net->ns.inum);
+	return inum;
+}
+
+static __always_inline void tuple_clean(struct nf_conntrack_tuple *t)
+{
+	/* IPv4 uses the first 4 bytes of the 16-byte address unions. */
+	if (t->src.l3num == AF_INET) {
+		__builtin_memset((u8 *)&t->src.u3 + 4, 0, 12);
+		__builtin_memset((u8 *)&t->dst.u3 + 4, 0, 12);
+	}
+}
+
+static __always_inline void ct_read(struct nf_conn *ct, struct ct_info *ci)
+{
+	unsigned long status = 0;
+	struct net *net = NULL;
+
+	bpf_probe_read_kernel(&ci->orig, sizeof(ci->orig),
+			      &ct->tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	bpf_probe_read_kernel(&ci->reply, sizeof(ci->reply),
+			      &ct->tuplehash[IP_CT_DIR_REPLY].tuple);
+	tuple_clean(&ci->orig);
+	tuple_clean(&ci->reply);
+	bpf_probe_read_kernel(&status, sizeof(status), &ct->status);
+	ci->status = (u32)status;
+	bpf_probe_read_kernel(&ci->timeout, sizeof(ci->timeout), &ct->timeout);
+#ifdef CONFIG_NET_NS
+	bpf_probe_read_kernel(&net, sizeof(net), &ct->ct_net.net);
+#endif
+	ci->netns = net_inum(net);
+#ifdef CONFIG_NF_CONNTRACK_ZONES
+	bpf_probe_read_kernel(&ci->zone, sizeof(ci->zone), &ct->zone.id);
+#else
+	ci->zone = 0;
+#endif
+	ci->tcp_state = 0;
+	if (ci->orig.dst.protonum == IPPROTO_TCP)
+		bpf_probe_read_kernel(&ci->tcp_state, sizeof(ci->tcp_state),
+				      &ct->proto.tcp.state);
+}
+
+static __always_inline u8 ct_read_state(struct nf_conn *ct)
+{
+	u8 st = 0;
+	bpf_probe_read_kernel(&st, sizeof(st), &ct->proto.tcp.state);
+	return st;
+}
+
+static __always_inline u32 ct_read_status(struct nf_conn *ct)
+{
+	unsigned long status = 0;
+	bpf_probe_read_kernel(&status, sizeof(status), &ct->status);
+	return (u32)status;
+}
+
+static __always_inline void ev_tuple(struct ct_event *e, struct nf_conntrack_tuple *o,
+				     struct nf_conntrack_tuple *r)
+{
+	__builtin_memcpy(e->orig_src, &o->src.u3, 16);
+	__builtin_memcpy(e->orig_dst, &o->dst.u3, 16);
+	e->orig_sport_be = o->src.u.all;
+	e->orig_dport_be = o->dst.u.all;
+	e->family = (u8)o->src.l3num;
+	e->l4proto = o->dst.protonum;
+	if (r) {
+		__builtin_memcpy(e->reply_src, &r->src.u3, 16);
+		__builtin_memcpy(e->reply_dst, &r->dst.u3, 16);
+		e->reply_sport_be = r->src.u.all;
+		e->reply_dport_be = r->dst.u.all;
+	}
+}
+
+static __always_inline void ev_fill(struct ct_event *e, u8 kind, u64 ts, u64 ctp,
+				    struct ct_info *ci)
+{
+	s32 left = ct_jiffies_left(ci->timeout);
+	e->kind = kind;
+	e->ts_boot_ns = ts;
+	e->ct_id = ctp;
+	e->netns_ino = ci->netns;
+	e->status_raw = ci->status;
+	e->timeout_s = left > 0 ? (u32)left / CONFIG_HZ : 0;
+	e->zone = ci->zone;
+	e->ct_state = ci->tcp_state;
+	ev_tuple(e, &ci->orig, &ci->reply);
+}
+
+static __always_inline void tkey_make(struct ct_tkey *k, u32 netns, struct nf_conntrack_tuple *t)
+{
+	k->netns = netns;
+	k->family = (u8)t->src.l3num;
+	k->proto = t->dst.protonum;
+	k->sport_be = t->src.u.all;
+	k->dport_be = t->dst.u.all;
+	__builtin_memcpy(k->src, &t->src.u3, 16);
+	__builtin_memcpy(k->dst, &t->dst.u3, 16);
+}
+
+static __always_inline struct ct_ipval *ipval_get(u32 netns, struct nf_conntrack_tuple *t)
+{
+	struct ct_ipkey k = {};
+	k.netns = netns;
+	k.family = (u8)t->src.l3num;
+	__builtin_memcpy(k.addr, &t->src.u3, 16);
+	struct ct_ipval *v = ipstats.lookup(&k);
+	if (v)
+		return v;
+	struct ct_ipval zero = {};
+	ipstats.insert(&k, &zero);
+	v = ipstats.lookup(&k);
+	if (!v)
+		lost_inc(CT_LOST_MAP_FULL);
+	return v;
+}
+
+/* ---------------------------------------------------------------- insert */
+
+static __always_inline void on_new(void *ctx, u64 ctp)
+{
+	struct ct_info ci = {};
+	u64 ts = ct_now_ns();
+	ct_read((struct nf_conn *)ctp, &ci);
+
+	struct ct_live lv = {};
+	lv.start_ns = ts;
+	if (ctlive.update(&ctp, &lv) != 0)
+		lost_inc(CT_LOST_MAP_FULL);
+	struct ct_tkey k = {};
+	tkey_make(&k, ci.netns, &ci.orig);
+	if (tuples.update(&k, &ctp) != 0)
+		lost_inc(CT_LOST_MAP_FULL);
+	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
+	if (v)
+		__sync_fetch_and_add(&v->created, 1);
+
+	produced_inc(CT_KIND_NEW);
+	struct ct_event *e = ev_reserve();
+	if (!e) {
+		lost_inc(CT_LOST_OUTPUT);
+		return;
+	}
+	ev_fill(e, CT_KIND_NEW, ts, ctp, &ci);
+	e->start_boot_ns = ts;
+	e->flags = CT_FLAG_START_KNOWN;
+	ev_submit(ctx, e);
+}
+
+static __always_inline void on_drop(void *ctx, u8 reason, u64 ctp, u32 netns, u16 zone,
+				    struct nf_conntrack_tuple *o, struct nf_conntrack_tuple *r,
+				    u32 status, u8 tcp_state)
+{
+	struct ct_ipval *v = ipval_get(netns, o);
+	if (v) {
+		if (reason == CT_DROP_TABLE_FULL)
+			__sync_fetch_and_add(&v->drop_table_full, 1);
+		else
+			__sync_fetch_and_add(&v->drop_insert_failed, 1);
+	}
+	produced_inc(CT_KIND_DROP);
+	struct ct_event *e = ev_reserve();
+	if (!e) {
+		lost_inc(CT_LOST_OUTPUT);
+		return;
+	}
+	e->kind = CT_KIND_DROP;
+	e->reason = reason;
+	e->ts_boot_ns = ct_now_ns();
+	e->ct_id = ctp;
+	e->netns_ino = netns;
+	e->zone = zone;
+	e->status_raw = status;
+	e->ct_state = tcp_state;
+	ev_tuple(e, o, r);
+	ev_submit(ctx, e);
+}
+
+/* __nf_conntrack_confirm(struct sk_buff *skb) -> NF_ACCEPT / NF_DROP */
+int confirm_e(struct pt_regs *ctx)
+{
+	struct sk_buff *skb = (struct sk_buff *)PT_REGS_PARM1(ctx);
+	unsigned long nfct = 0;
+	bpf_probe_read_kernel(&nfct, sizeof(nfct), &skb->_nfct);
+	stash_push(ST_CONFIRM, (u64)skb, nfct & CT_NFCT_PTRMASK);
+	return 0;
+}
+
+int confirm_x(struct pt_regs *ctx)
+{
+	u64 skbp = 0, ctp = 0;
+	if (!stash_pop(ST_CONFIRM, &skbp, &ctp) || !ctp)
+		return 0;
+	int ret = (int)PT_REGS_RC(ctx);
+	if (ret == NF_DROP) {
+		struct ct_info ci = {};
+		ct_read((struct nf_conn *)ctp, &ci);
+		on_drop(ctx, CT_DROP_INSERT_FAILED, ctp, ci.netns, ci.zone, &ci.orig, &ci.reply,
+			ci.status, ci.tcp_state);
+		return 0;
+	}
+	/* Clash resolution (commit "netfilter: conntrack: introduce clash
+	 * resolution on insertion race", 4.9) may hand the skb the existing
+	 * entry: then nothing new entered the table. A dying entry is accepted
+	 * without being inserted: IPS_CONFIRMED stays clear. */
+	unsigned long nfct = 0;
+	bpf_probe_read_kernel(&nfct, sizeof(nfct), &((struct sk_buff *)skbp)->_nfct);
+	if ((nfct & CT_NFCT_PTRMASK) != ctp)
+		return 0;
+	if (!(ct_read_status((struct nf_conn *)ctp) & IPS_CONFIRMED))
+		return 0;
+	on_new(ctx, ctp);
+	return 0;
+}
+
+/* __nf_conntrack_alloc(net, zone, orig, repl, gfp, hash) -> ct or ERR_PTR.
+ * ERR_PTR(-ENOMEM) after early_drop found nothing to evict = table full. */
+int alloc_e(struct pt_regs *ctx)
+{
+	u64 net = PT_REGS_PARM1(ctx);
+	u64 orig = PT_REGS_PARM3(ctx);
+	stash_push(ST_ALLOC, net, orig);
+	return 0;
+}
+
+int alloc_x(struct pt_regs *ctx)
+{
+	u64 net = 0, orig = 0;
+	if (!stash_pop(ST_ALLOC, &net, &orig))
+		return 0;
+	if (!CT_IS_ERR(PT_REGS_RC(ctx)) || !orig)
+		return 0;
+	struct nf_conntrack_tuple t = {};
+	bpf_probe_read_kernel(&t, sizeof(t), (void *)orig);
+	tuple_clean(&t);
+	on_drop(ctx, CT_DROP_TABLE_FULL, 0, net_inum((struct net *)net), 0, &t, NULL, 0, 0);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- removal */
+
+static __always_inline u8 removal_reason(struct ct_info *ci)
+{
+	u32 zero = 0;
+	u32 *cr = cpu_reason.lookup(&zero);
+	if (cr && *cr)
+		return (u8)*cr;
+	u64 id = bpf_get_current_pid_tgid();
+	u32 *tr = task_reason.lookup(&id);
+	if (tr && *tr)
+		return (u8)*tr;
+#ifdef CT_HAVE_JIFFIES64
+	if (ct_jiffies_left(ci->timeout) <= 0)
+		return CT_DESTROY_TIMEOUT;
+	return CT_DESTROY_KILL;
+#else
+	return CT_DESTROY_UNKNOWN;
+#endif
+}
+
+/* Report the removal of a confirmed entry exactly once. */
+static __always_inline void on_removed(void *ctx, u64 ctp)
+{
+	if (!(ct_read_status((struct nf_conn *)ctp) & IPS_CONFIRMED))
+		return;
+	u8 one = 1;
+	if (gone.insert(&ctp, &one) != 0)
+		return; /* already reported */
+
+	struct ct_info ci = {};
+	u64 ts = ct_now_ns();
+	ct_read((struct nf_conn *)ctp, &ci);
+	u8 reason = removal_reason(&ci);
+
+	u64 start = 0;
+	u8 flags = 0;
+	struct ct_live *lv = ctlive.lookup(&ctp);
+	if (lv) {
+		start = lv->start_ns;
+		flags = CT_FLAG_START_KNOWN;
+		ctlive.delete(&ctp);
+	}
+	struct ct_tkey k = {};
+	tkey_make(&k, ci.netns, &ci.orig);
+	u64 *cur = tuples.lookup(&k);
+	if (cur && *cur == ctp)
+		tuples.delete(&k);
+	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
+	if (v)
+		__sync_fetch_and_add(&v->destroyed[reason & (CT_NREASON - 1)], 1);
+
+	produced_inc(CT_KIND_DESTROY);
+	struct ct_event *e = ev_reserve();
+	if (!e) {
+		lost_inc(CT_LOST_OUTPUT);
+		return;
+	}
+	ev_fill(e, CT_KIND_DESTROY, ts, ctp, &ci);
+	e->reason = reason;
+	e->start_boot_ns = start;
+	e->flags = flags;
+	ev_submit(ctx, e);
+}
+
+/* nf_ct_delete(ct, portid, report) -> bool: the removal choke point where it
+ * is not inlined. IPS_DYING already set: someone else is removing it. */
+int delete_e(struct pt_regs *ctx)
+{
+	u64 ctp = PT_REGS_PARM1(ctx);
+	if (ct_read_status((struct nf_conn *)ctp) & IPS_DYING)
+		return 0;
+	on_removed(ctx, ctp);
+	return 0;
+}
+
+/* Entry free: destroy_conntrack(nfct) before 5.19, nf_ct_destroy(nfct) after
+ * (the rename is detected by symbol, see kernel.py). nfct is the first member
+ * of struct nf_conn. A confirmed entry is only freed after it left the table,
+ * so this catches removals whose nf_ct_delete was inlined into its caller. */
+int destroy_e(struct pt_regs *ctx)
+{
+	u64 ctp = PT_REGS_PARM1(ctx);
+	on_removed(ctx, ctp);
+	gone.delete(&ctp);
+	return 0;
+}
+
+static __always_inline void task_tag(u32 reason)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	task_reason.update(&id, &reason);
+}
+
+static __always_inline void task_untag(void)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	task_reason.delete(&id);
+}
+
+/* early_drop(net, hash): evicting to make room. */
+int early_drop_e(struct pt_regs *ctx)
+{
+	u32 zero = 0, r = CT_DESTROY_EARLY_DROP;
+	cpu_reason.update(&zero, &r);
+	return 0;
+}
+
+int early_drop_x(struct pt_regs *ctx)
+{
+	u32 zero = 0, r = 0;
+	cpu_reason.update(&zero, &r);
+	return 0;
+}
+
+/* ctnetlink_del_conntrack: conntrack -D, and -F (flush) which it dispatches. */
+int ctnl_del_e(struct pt_regs *ctx)
+{
+	task_tag(CT_DESTROY_DELETE);
+	return 0;
+}
+
+/* nf_conntrack_cleanup_net_list: a network namespace is going away. */
+int netns_e(struct pt_regs *ctx)
+{
+	task_tag(CT_DESTROY_NETNS);
+	return 0;
+}
+
+int untag_x(struct pt_regs *ctx)
+{
+	task_untag();
+	return 0;
+}
+
+/* ---------------------------------------------------------------- TCP state */
+
+/* nf_conntrack_tcp_packet(ct, skb, dataoff, ctinfo, state) */
+int tcp_e(struct pt_regs *ctx)
+{
+	u64 ctp = PT_REGS_PARM1(ctx);
+	stash_push(ST_TCP, ctp, ct_read_state((struct nf_conn *)ctp));
+	return 0;
+}
+
+int tcp_x(struct pt_regs *ctx)
+{
+	u64 ctp = 0, old = 0;
+	if (!stash_pop(ST_TCP, &ctp, &old) || !ctp)
+		return 0;
+	u8 now = ct_read_state((struct nf_conn *)ctp);
+	if (now == (u8)old)
+		return 0;
+	/* Unconfirmed entries: NEW at confirm carries their state. */
+	if (!(ct_read_status((struct nf_conn *)ctp) & IPS_CONFIRMED))
+		return 0;
+	produced_inc(CT_KIND_STATE);
+	struct ct_event *e = ev_reserve();
+	if (!e) {
+		lost_inc(CT_LOST_OUTPUT);
+		return 0;
+	}
+	struct ct_info ci = {};
+	ct_read((struct nf_conn *)ctp, &ci);
+	ev_fill(e, CT_KIND_STATE, ct_now_ns(), ctp, &ci);
+	e->ct_state = now;
+	e->ct_oldstate = (u8)old;
+	struct ct_live *lv = ctlive.lookup(&ctp);
+	if (lv) {
+		e->start_boot_ns = lv->start_ns;
+		e->flags = CT_FLAG_START_KNOWN;
+	}
+	ev_submit(ctx, e);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- sockets */
+
+#define CT_SK_TCP_CLOSE 7 /* kernel TCP_CLOSE */
+
+static __always_inline int sk_is_v4mapped(u8 *a)
+{
+	u32 w0 = 0, w1 = 0, w2 = 0;
+	__builtin_memcpy(&w0, a, 4);
+	__builtin_memcpy(&w1, a + 4, 4);
+	__builtin_memcpy(&w2, a + 8, 4);
+	return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff);
+}
+
+/* A local TCP socket reached CLOSE: if its conntrack entry is still
+ * ESTABLISHED, the close never reached conntrack (FIN/RST lost or dropped):
+ * the entry will linger for the established timeout. */
+static __always_inline void on_sock_close(void *ctx, struct sock *sk, u8 oldstate)
+{
+	u16 proto = 0, family = 0;
+	bpf_probe_read_kernel(&proto, sizeof(proto), &sk->sk_protocol);
+	if (proto != IPPROTO_TCP)
+		return;
+	bpf_probe_read_kernel(&family, sizeof(family), &sk->__sk_common.skc_family);
+
+	struct ct_tkey k = {};
+	struct net *net = NULL;
+#ifdef CONFIG_NET_NS
+	bpf_probe_read_kernel(&net, sizeof(net), &sk->__sk_common.skc_net.net);
+#endif
+	k.netns = net_inum(net);
+	k.proto = IPPROTO_TCP;
+	u16 lport = 0;
+	bpf_probe_read_kernel(&lport, sizeof(lport), &sk->__sk_common.skc_num);
+	k.sport_be = bpf_htons(lport);
+	bpf_probe_read_kernel(&k.dport_be, sizeof(k.dport_be), &sk->__sk_common.skc_dport);
+	if (family == AF_INET) {
+		k.family = AF_INET;
+		bpf_probe_read_kernel(k.src, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_probe_read_kernel(k.dst, 4, &sk->__sk_common.skc_daddr);
+	} else if (family == AF_INET6) {
+#if IS_ENABLED(CONFIG_IPV6)
+		u8 s6[16] = {}, d6[16] = {};
+		bpf_probe_read_kernel(s6, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(d6, 16, &sk->__sk_common.skc_v6_daddr);
+		if (sk_is_v4mapped(d6)) {
+			k.family = AF_INET;
+			__builtin_memcpy(k.src, s6 + 12, 4);
+			__builtin_memcpy(k.dst, d6 + 12, 4);
+		} else {
+			k.family = AF_INET6;
+			__builtin_memcpy(k.src, s6, 16);
+			__builtin_memcpy(k.dst, d6, 16);
+		}
+#else
+		return;
+#endif
+	} else {
+		return;
+	}
+
+	/* The socket is the original direction's source (client) or its
+	 * destination (server): try both orientations. */
+	u64 *cur = tuples.lookup(&k);
+	if (!cur) {
+		struct ct_tkey r = {};
+		r.netns = k.netns;
+		r.family = k.family;
+		r.proto = k.proto;
+		r.sport_be = k.dport_be;
+		r.dport_be = k.sport_be;
+		__builtin_memcpy(r.src, k.dst, 16);
+		__builtin_memcpy(r.dst, k.src, 16);
+		cur = tuples.lookup(&r);
+		if (!cur)
+			return;
+	}
+	u64 ctp = *cur;
+	if (ct_read_state((struct nf_conn *)ctp) != CT_TCP_ESTABLISHED)
+		return;
+	struct ct_live *lv = ctlive.lookup(&ctp);
+	if (!lv || (lv->flags & CT_LIVE_ORPHANED))
+		return;
+	lv->flags |= CT_LIVE_ORPHANED;
+
+	struct ct_info ci = {};
+	ct_read((struct nf_conn *)ctp, &ci);
+	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
+	if (v)
+		__sync_fetch_and_add(&v->orphans, 1);
+	produced_inc(CT_KIND_ORPHAN);
+	struct ct_event *e = ev_reserve();
+	if (!e) {
+		lost_inc(CT_LOST_OUTPUT);
+		return;
+	}
+	ev_fill(e, CT_KIND_ORPHAN, ct_now_ns(), ctp, &ci);
+	e->start_boot_ns = lv->start_ns;
+	e->flags = CT_FLAG_START_KNOWN;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->sk_oldstate = oldstate;
+	e->sk_newstate = CT_SK_TCP_CLOSE;
+	ev_submit(ctx, e);
+}
+
+/* raw tracepoint sock:inet_sock_set_state(sk, oldstate, newstate) */
+int sock_state_rtp(struct bpf_raw_tracepoint_args *ctx)
+{
+	if ((int)ctx->args[2] != CT_SK_TCP_CLOSE)
+		return 0;
+	on_sock_close(ctx, (struct sock *)ctx->args[0], (u8)ctx->args[1]);
+	return 0;
+}
+
+/* kprobe fallback: tcp_set_state(sk, state) */
+int tcp_set_state_e(struct pt_regs *ctx)
+{
+	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
+	if ((int)PT_REGS_PARM2(ctx) != CT_SK_TCP_CLOSE)
+		return 0;
+	u8 old = 0;
+	bpf_probe_read_kernel(&old, sizeof(old), &sk->__sk_common.skc_state);
+	on_sock_close(ctx, sk, old);
+	return 0;
+}

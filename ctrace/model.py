@@ -1,0 +1,596 @@
+"""The lifecycle model: pure, no I/O. Fold batches of events into live state and
+counters; `snapshot()` returns an immutable summary the views render.
+
+Live entries are kept as one numpy table (the latest record of each entry);
+counters per address, prefix and netns live in bounded LRU caches whose
+evictions are counted ("untracked"). Every batch is processed with whole-array
+operations: no per-event Python.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import cachetools
+import numpy as np
+
+from ctrace import abi
+from ctrace.grouping import first_last, group_rows
+from ctrace.keys import Key, KeySpace, addr_text, label, netns_of, proto_name
+from ctrace.sources.base import SourceInfo
+
+K = abi.Kind
+NS = 1_000_000_000
+
+REMOVAL_REASONS = (
+    "fin",
+    "rst",
+    "timeout-established",
+    "timeout-closing",
+    "timeout-handshake",
+    "timeout",
+    "early-drop",
+    "delete",
+    "netns",
+    "killed",
+    "unknown",
+)
+_R = {name: i for i, name in enumerate(REMOVAL_REASONS)}
+DROP_REASONS = ("table-full", "insert-failed")
+ORPHAN_KINDS = ("socket-closed", "expired-established")
+
+COLUMNS = (
+    ("created", "destroyed")
+    + tuple("rm:" + r for r in REMOVAL_REASONS)
+    + ("drops",)
+    + tuple("drop:" + r for r in DROP_REASONS)
+    + ("orphans:" + k for k in ORPHAN_KINDS)
+)
+_C = {name: i for i, name in enumerate(COLUMNS)}
+
+TCP_STATE_NAMES = tuple(s.name for s in abi.TcpState)
+STATE_NAMES = TCP_STATE_NAMES + ("UDP", "UDP_UNREPLIED", "OTHER")
+_S_UDP, _S_UDP_UNREPLIED, _S_OTHER = len(TCP_STATE_NAMES), len(TCP_STATE_NAMES) + 1, len(TCP_STATE_NAMES) + 2
+
+# Lifetime histogram: 8 bins per octave from 2^-10 s (~1 ms) to 2^23 s (~97 days).
+_LT_SUB = 8
+_LT_MIN_EXP = -10
+_LT_BINS = (23 - _LT_MIN_EXP) * _LT_SUB + 1
+
+_FLAG_ORPHANED_LIVE = 0x80  # model-private bit in the live table: socket closed while ESTABLISHED
+_ENTRY_KINDS = (K.NEW, K.EXISTING, K.STATE, K.ORPHAN, K.DESTROY)
+_LIVE_KIND = 0  # kind value of live-table rows inside a merge
+
+
+def removal_reasons(ev: np.ndarray) -> np.ndarray:
+    """DESTROY records -> index into REMOVAL_REASONS (mechanism + protocol + state at removal)."""
+    mech, tcp, st = ev["reason"], ev["l4proto"] == abi.IPPROTO_TCP, ev["ct_state"]
+    T = abi.TcpState
+    r = np.full(len(ev), _R["unknown"], dtype=np.int64)
+    timeout = mech == abi.DestroyReason.TIMEOUT
+    ended = timeout | (mech == abi.DestroyReason.KILL)
+    r[mech == abi.DestroyReason.KILL] = _R["killed"]
+    r[timeout & ~tcp] = _R["timeout"]
+    r[timeout & tcp & np.isin(st, (T.NONE, T.SYN_SENT, T.SYN_RECV, T.SYN_SENT2))] = _R["timeout-handshake"]
+    r[timeout & tcp & np.isin(st, (T.FIN_WAIT, T.CLOSE_WAIT, T.LAST_ACK))] = _R["timeout-closing"]
+    r[timeout & tcp & (st == T.ESTABLISHED)] = _R["timeout-established"]
+    r[ended & tcp & (st == T.TIME_WAIT)] = _R["fin"]
+    r[ended & tcp & (st == T.CLOSE)] = _R["rst"]
+    r[mech == abi.DestroyReason.EARLY_DROP] = _R["early-drop"]
+    r[mech == abi.DestroyReason.DELETE] = _R["delete"]
+    r[mech == abi.DestroyReason.NETNS] = _R["netns"]
+    return r
+
+
+def state_codes(ev: np.ndarray) -> np.ndarray:
+    """Records -> index into STATE_NAMES."""
+    code = np.full(len(ev), _S_OTHER, dtype=np.int64)
+    tcp = ev["l4proto"] == abi.IPPROTO_TCP
+    code[tcp] = np.minimum(ev["ct_state"][tcp], len(TCP_STATE_NAMES) - 1)
+    udp = ev["l4proto"] == abi.IPPROTO_UDP
+    replied = (ev["status_raw"] & abi.IPS_SEEN_REPLY) != 0
+    code[udp & replied] = _S_UDP
+    code[udp & ~replied] = _S_UDP_UNREPLIED
+    return code
+
+
+def _lifetime_bins(seconds: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        b = np.floor(np.log2(np.maximum(seconds, 1e-12)) * _LT_SUB) - _LT_MIN_EXP * _LT_SUB
+    return np.clip(b, 0, _LT_BINS - 1).astype(np.int64)
+
+
+def _bin_upper_s(b: int) -> float:
+    return float(2.0 ** ((b + 1) / _LT_SUB + _LT_MIN_EXP))
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    keys: KeySpace = KeySpace()
+    max_keys: int = 65536  # addresses (and as many prefixes) kept before LRU eviction
+    rate_window_s: int = 10  # sliding window for live rates
+    orphan_list_max: int = 1000
+    drop_samples: int = 5
+
+
+class _Tracked(cachetools.LRUCache):
+    """LRU of per-key counter rows that sums what it evicts."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.evicted = 0
+        self.evicted_totals = np.zeros(len(COLUMNS), dtype=np.int64)
+
+    def popitem(self) -> Tuple[Key, "_Acc"]:
+        key, acc = super().popitem()
+        self.evicted += 1
+        self.evicted_totals += acc.counts
+        return key, acc
+
+
+class _Acc:
+    __slots__ = ("counts", "samples", "prev")
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(COLUMNS), dtype=np.int64)
+        self.samples: Optional[Deque[Dict[str, Any]]] = None
+        self.prev = (0, 0)  # created, destroyed at the previous snapshot
+
+
+@dataclass(frozen=True)
+class Row:
+    """One address, prefix or netns in a snapshot."""
+
+    key: Key
+    label: str
+    netns: int
+    live: int
+    created: int
+    destroyed: int
+    removals: Dict[str, int]
+    orphans: int
+    orphans_live: int
+    drops: int
+    states: Dict[str, int]
+    new_per_s: float
+    gone_per_s: float
+    median_age_s: Optional[float]
+    drop_samples: Tuple[Dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    info: SourceInfo
+    by: str
+    start_boot_ns: int
+    now_boot_ns: int
+    interval_s: float  # since the previous snapshot (for per-row rates)
+    events_total: int
+    events_by_kind: Dict[str, int]
+    lost: Dict[str, int]
+    table_max: Optional[int]
+    buckets: Optional[int]
+    start_count: int
+    count: int
+    peak_count: int
+    kernel_count: Optional[int]
+    inserts: int
+    removals_total: int
+    window_s: float
+    window_insert_rate: float
+    window_expire_rate: float
+    removals: Dict[str, int]
+    lifetimes: Dict[str, Dict[str, Any]]
+    ips: Tuple[Row, ...]
+    prefixes: Tuple[Row, ...]
+    netns: Tuple[Row, ...]
+    orphans: Tuple[Dict[str, Any], ...]
+    orphans_by_kind: Dict[str, int]
+    drops_by_reason: Dict[str, int]
+    untracked: Dict[str, int]
+    kernel_counters: Dict[str, int]
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, (self.now_boot_ns - self.start_boot_ns) / NS)
+
+    @property
+    def lost_total(self) -> int:
+        return sum(self.lost.values())
+
+    @property
+    def fill(self) -> Optional[float]:
+        return self.count / self.table_max if self.table_max else None
+
+    def rates(self, window: bool) -> Tuple[float, float]:
+        """(inserts/s, expiries/s) over the sliding window or the whole run."""
+        if window:
+            return self.window_insert_rate, self.window_expire_rate
+        d = self.duration_s
+        return (self.inserts / d, self.removals_total / d) if d > 0 else (0.0, 0.0)
+
+    def time_to_full_s(self, window: bool) -> Optional[float]:
+        """Seconds until count reaches max at the current net growth, None if not growing."""
+        if not self.table_max:
+            return None
+        if self.count >= self.table_max:
+            return 0.0
+        ins, exp = self.rates(window)
+        growth = ins - exp if window else ((self.count - self.start_count) / self.duration_s if self.duration_s else 0.0)
+        if growth <= 0:
+            return None
+        return (self.table_max - self.count) / growth
+
+
+class Model:
+    def __init__(self, info: SourceInfo, options: Optional[ModelOptions] = None) -> None:
+        self.info = info
+        self.opt = options or ModelOptions()
+        self.live = abi.empty(0)
+        self.start_boot_ns = info.start_boot_ns
+        self.now_boot_ns = info.start_boot_ns
+        self.start_count = 0
+        self.peak_count = 0
+        self.events_total = 0
+        self.by_kind = np.zeros(16, dtype=np.int64)
+        self.lost = np.zeros(8, dtype=np.int64)
+        self.removals = np.zeros(len(REMOVAL_REASONS), dtype=np.int64)
+        self.drops = np.zeros(len(DROP_REASONS), dtype=np.int64)
+        self.orphans_by_kind = np.zeros(len(ORPHAN_KINDS), dtype=np.int64)
+        self.lifetime_hist = np.zeros((len(REMOVAL_REASONS), _LT_BINS), dtype=np.int64)
+        self.lifetime_max = np.zeros(len(REMOVAL_REASONS), dtype=np.float64)
+        self.inserts = 0
+        self.removals_total = 0
+        self.counters: Dict[int, int] = {}
+        self.ips = _Tracked(self.opt.max_keys)
+        self.prefixes = _Tracked(self.opt.max_keys)
+        self.netns = _Tracked(self.opt.max_keys)
+        self.orphan_list: Deque[Dict[str, Any]] = deque(maxlen=self.opt.orphan_list_max)
+        self._per_sec: Dict[int, List[int]] = {}  # second -> [inserts, removals]
+        self._prev_snapshot_ns = info.start_boot_ns
+        self._seeded = False
+
+    # ---- folding -------------------------------------------------------
+    def seed(self, existing: np.ndarray) -> None:
+        """The entries present when tracing began: they set the starting count."""
+        self.apply(existing)
+        self.start_count = self.peak_count = len(self.live)
+        self._seeded = True
+
+    def apply(self, ev: np.ndarray) -> None:
+        if not len(ev):
+            return
+        if len(ev) > 1 and (np.diff(ev["ts_boot_ns"].astype(np.int64)) < 0).any():
+            ev = ev[np.argsort(ev["ts_boot_ns"], kind="stable")]
+        self.events_total += len(ev)
+        kind = ev["kind"]
+        self.by_kind += np.bincount(kind, minlength=16)[:16]
+        self.now_boot_ns = max(self.now_boot_ns, int(ev["ts_boot_ns"][-1]))
+        if (kind == K.LOST).any():
+            lost = ev[kind == K.LOST]
+            self.lost += np.bincount(lost["reason"], weights=lost["value"], minlength=8)[:8].astype(np.int64)
+        if (kind == K.COUNTER).any():
+            for cid, val in zip(ev["reason"][kind == K.COUNTER], ev["value"][kind == K.COUNTER]):
+                self.counters[int(cid)] = int(val)
+        entry = np.isin(kind, _ENTRY_KINDS)
+        if entry.any():
+            self._merge_entries(ev[entry])
+        keyed = np.isin(kind, (K.NEW, K.EXISTING, K.STATE, K.ORPHAN, K.DESTROY, K.DROP))
+        if keyed.any():
+            self._count_keys(ev[keyed])
+
+    def _merge_entries(self, ev: np.ndarray) -> None:
+        """Fold entry records into the live table: for every entry id, the last record
+        decides whether it lives; a NEW/EXISTING record starts a new life (ids are reused)."""
+        live = self.live.copy()
+        live["kind"] = _LIVE_KIND
+        rows = np.concatenate([live, ev])
+        n_live = len(live)
+        kind = rows["kind"]
+        rep, gid = group_rows([rows["ct_id"]])
+        m = len(rep)
+        first, last = first_last(gid, m)
+        idx = np.arange(len(rows), dtype=np.int64)
+        births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
+        seg = np.full(m, -1, dtype=np.int64)
+        np.maximum.at(seg, gid[births], idx[births])
+        orphan_ev = kind == K.ORPHAN
+        last_orphan = np.full(m, -1, dtype=np.int64)
+        np.maximum.at(last_orphan, gid[orphan_ev], idx[orphan_ev])
+
+        # Running count for the peak: +1 per birth in the stream, -1 per known removal.
+        is_destroy = kind == K.DESTROY
+        unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live)
+        delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
+        running = len(self.live) + np.cumsum(delta[n_live:])
+        if len(running):
+            self.peak_count = max(self.peak_count, int(running.max()))
+
+        # Final state of every entry id.
+        last_rows = rows[last]
+        alive = last_rows["kind"] != K.DESTROY
+        keep_groups = np.flatnonzero(alive)
+        new_live = last_rows[keep_groups]
+        starts = seg[keep_groups]
+        has_start = starts >= 0
+        start_rows = rows[np.where(has_start, starts, last[keep_groups])]
+        born_in_stream = has_start & (start_rows["kind"] == K.NEW)
+        new_live["start_boot_ns"] = np.where(born_in_stream, start_rows["ts_boot_ns"], start_rows["start_boot_ns"])
+        known = has_start & ((start_rows["flags"] & abi.FLAG_START_KNOWN) != 0) | born_in_stream
+        flags = new_live["flags"] & ~np.uint8(_FLAG_ORPHANED_LIVE | abi.FLAG_START_KNOWN)
+        flags |= np.where(known, np.uint8(abi.FLAG_START_KNOWN), np.uint8(0)).astype(np.uint8)
+        was_orphan = (start_rows["flags"] & _FLAG_ORPHANED_LIVE) != 0
+        orphaned = (was_orphan | (last_orphan[keep_groups] > starts)) & (new_live["ct_state"] == abi.TcpState.ESTABLISHED)
+        orphaned &= new_live["l4proto"] == abi.IPPROTO_TCP
+        flags |= np.where(orphaned, np.uint8(_FLAG_ORPHANED_LIVE), np.uint8(0)).astype(np.uint8)
+        new_live["flags"] = flags
+        new_live["kind"] = K.EXISTING
+        self.live = new_live
+
+    def _count_keys(self, ev: np.ndarray) -> None:
+        """Per-address, per-prefix and per-netns counters, plus global tallies."""
+        kind = ev["kind"]
+        n = len(ev)
+        cols = np.zeros((n, len(COLUMNS)), dtype=np.int64) if n else None
+        new = kind == K.NEW
+        cols[:, _C["created"]] = new
+        destroy = kind == K.DESTROY
+        reasons = np.full(n, -1, dtype=np.int64)
+        if destroy.any():
+            d = ev[destroy]
+            r = removal_reasons(d)
+            reasons[destroy] = r
+            cols[destroy, _C["destroyed"]] = 1
+            cols[np.flatnonzero(destroy), _C["rm:" + REMOVAL_REASONS[0]] + r] = 1
+            self.removals += np.bincount(r, minlength=len(REMOVAL_REASONS))
+            known = (d["flags"] & abi.FLAG_START_KNOWN) != 0
+            if known.any():
+                life = (d["ts_boot_ns"][known].astype(np.int64) - d["start_boot_ns"][known].astype(np.int64)) / NS
+                life = np.maximum(life, 0.0)
+                rk = r[known]
+                np.add.at(self.lifetime_hist, (rk, _lifetime_bins(life)), 1)
+                np.maximum.at(self.lifetime_max, rk, life)
+        drop = kind == K.DROP
+        if drop.any():
+            dr = np.clip(ev["reason"][drop].astype(np.int64) - 1, 0, len(DROP_REASONS) - 1)
+            cols[drop, _C["drops"]] = 1
+            cols[np.flatnonzero(drop), _C["drop:" + DROP_REASONS[0]] + dr] = 1
+            self.drops += np.bincount(dr, minlength=len(DROP_REASONS))
+        closed = kind == K.ORPHAN
+        expired = (reasons == _R["timeout-established"]) & ((ev["flags"] & abi.FLAG_ORPHANED) == 0)
+        cols[:, _C["orphans:socket-closed"]] = closed
+        cols[:, _C["orphans:expired-established"]] = expired
+        self.orphans_by_kind += [int(closed.sum()), int(expired.sum())]
+        if closed.any() or expired.any():
+            self._remember_orphans(ev, closed | expired, closed)
+        self.inserts += int(new.sum())
+        self.removals_total += int(destroy.sum())
+        self._count_seconds(ev["ts_boot_ns"][new], ev["ts_boot_ns"][destroy])
+
+        ks = self.opt.keys
+        words = ks.words(ev)
+        rep, gid = group_rows(words)
+        per_key = np.zeros((len(rep), len(COLUMNS)), dtype=np.int64)
+        np.add.at(per_key, gid, cols)
+        self._fold(self.ips, [w[rep] for w in words], per_key, ev, gid, drop)
+        self._fold_rollup(self.prefixes, ks.prefix_words([w[rep] for w in words]), per_key)
+        self._fold_rollup(self.netns, ks.netns_words([w[rep] for w in words]), per_key)
+
+    def _fold(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray, ev: np.ndarray, gid: np.ndarray, drop: np.ndarray) -> None:
+        sample_of: Dict[int, int] = {}
+        if drop.any():
+            drop_idx = np.flatnonzero(drop)
+            _, last = first_last(gid[drop_idx], len(per_key))
+            sample_of = {g: int(drop_idx[i]) for g, i in enumerate(last) if i >= 0}
+        k0, k1, k2 = (w.tolist() for w in kw)
+        for g in range(len(per_key)):
+            key = (k0[g], k1[g], k2[g])
+            acc = cache.get(key)
+            if acc is None:
+                acc = _Acc()
+                cache[key] = acc
+            acc.counts += per_key[g]
+            if g in sample_of:
+                if acc.samples is None:
+                    acc.samples = deque(maxlen=self.opt.drop_samples)
+                acc.samples.append(_tuple_dict(ev[sample_of[g]]))
+
+    def _fold_rollup(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray) -> None:
+        rep, gid = group_rows(kw)
+        sums = np.zeros((len(rep), len(COLUMNS)), dtype=np.int64)
+        np.add.at(sums, gid, per_key)
+        k0, k1, k2 = (w[rep].tolist() for w in kw)
+        for g in range(len(rep)):
+            key = (k0[g], k1[g], k2[g])
+            acc = cache.get(key)
+            if acc is None:
+                acc = _Acc()
+                cache[key] = acc
+            acc.counts += sums[g]
+
+    def _count_seconds(self, ins_ts: np.ndarray, rem_ts: np.ndarray) -> None:
+        for col, ts in ((0, ins_ts), (1, rem_ts)):
+            if not len(ts):
+                continue
+            secs = (ts // NS).astype(np.int64)
+            lo = int(secs.min())
+            counts = np.bincount(secs - lo)
+            for off in np.flatnonzero(counts):
+                self._per_sec.setdefault(lo + int(off), [0, 0])[col] += int(counts[off])
+        horizon = self.now_boot_ns // NS - self.opt.rate_window_s - 1
+        for s in [s for s in self._per_sec if s < horizon]:
+            del self._per_sec[s]
+
+    def _remember_orphans(self, ev: np.ndarray, mask: np.ndarray, closed: np.ndarray) -> None:
+        idx = np.flatnonzero(mask)[-self.opt.orphan_list_max :]
+        for i in idx:
+            r = ev[i]
+            d = _tuple_dict(r)
+            start = int(r["start_boot_ns"])
+            known = bool(r["flags"] & abi.FLAG_START_KNOWN)
+            d.update(
+                kind=ORPHAN_KINDS[0] if closed[i] else ORPHAN_KINDS[1],
+                state=STATE_NAMES[min(int(r["ct_state"]), len(TCP_STATE_NAMES) - 1)],
+                age_s=round((int(r["ts_boot_ns"]) - start) / NS, 3) if known else None,
+                at_s=round((int(r["ts_boot_ns"]) - self.start_boot_ns) / NS, 3),
+            )
+            self.orphan_list.append(d)
+
+    # ---- summarising -----------------------------------------------------
+    def snapshot(self, now_boot_ns: Optional[int] = None) -> Snapshot:
+        """Summarise everything folded so far. Per-row rates cover the time since the previous call."""
+        now = int(now_boot_ns if now_boot_ns is not None else self.now_boot_ns)
+        interval = max(0.0, (now - self._prev_snapshot_ns) / NS)
+        live_stats = self._live_by_key(now)
+        ips = self._rows(self.ips, live_stats[0], interval)
+        prefixes = self._rows(self.prefixes, live_stats[1], interval)
+        netns = self._rows(self.netns, live_stats[2], interval)
+        for cache in (self.ips, self.prefixes, self.netns):
+            for acc in cache.values():
+                acc.prev = (int(acc.counts[_C["created"]]), int(acc.counts[_C["destroyed"]]))
+        self._prev_snapshot_ns = now
+        window = min(float(self.opt.rate_window_s), max(0.0, (now - self.start_boot_ns) / NS))
+        lo_sec = now // NS - self.opt.rate_window_s
+        w_ins = sum(v[0] for s, v in self._per_sec.items() if s >= lo_sec)
+        w_rem = sum(v[1] for s, v in self._per_sec.items() if s >= lo_sec)
+        tracked_live = sum(r.live for r in ips)
+        sysctl_max = self.info.sysctls.get("nf_conntrack_max")
+        ev = self.ips.evicted_totals
+        return Snapshot(
+            info=self.info,
+            by=self.opt.keys.by,
+            start_boot_ns=self.start_boot_ns,
+            now_boot_ns=now,
+            interval_s=interval,
+            events_total=self.events_total,
+            events_by_kind={k.name.lower(): int(self.by_kind[k]) for k in K if self.by_kind[k]},
+            lost={c.name.lower(): int(self.lost[c]) for c in abi.LostCause if self.lost[c]},
+            table_max=self.counters.get(abi.Counter.MAX, sysctl_max),
+            buckets=self.counters.get(abi.Counter.BUCKETS, self.info.sysctls.get("nf_conntrack_buckets")),
+            start_count=self.start_count,
+            count=len(self.live),
+            peak_count=max(self.peak_count, len(self.live)),
+            kernel_count=self.counters.get(abi.Counter.COUNT),
+            inserts=self.inserts,
+            removals_total=self.removals_total,
+            window_s=window,
+            window_insert_rate=w_ins / window if window else 0.0,
+            window_expire_rate=w_rem / window if window else 0.0,
+            removals={r: int(self.removals[i]) for i, r in enumerate(REMOVAL_REASONS) if self.removals[i]},
+            lifetimes=self._lifetimes(),
+            ips=ips,
+            prefixes=prefixes,
+            netns=netns,
+            orphans=tuple(self.orphan_list),
+            orphans_by_kind={k: int(self.orphans_by_kind[i]) for i, k in enumerate(ORPHAN_KINDS)},
+            drops_by_reason={r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]},
+            untracked={
+                "keys_evicted": self.ips.evicted,
+                "live": len(self.live) - tracked_live,
+                "created": int(ev[_C["created"]]),
+                "destroyed": int(ev[_C["destroyed"]]),
+                "drops": int(ev[_C["drops"]]),
+            },
+            kernel_counters={abi.Counter(c).name.lower(): v for c, v in self.counters.items() if c in abi.Counter._value2member_map_},
+        )
+
+    def _lifetimes(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for i, reason in enumerate(REMOVAL_REASONS):
+            h = self.lifetime_hist[i]
+            total = int(h.sum())
+            if not total:
+                continue
+            cum = np.cumsum(h)
+
+            def q(p: float) -> float:
+                return min(_bin_upper_s(int(np.searchsorted(cum, math.ceil(p * total)))), float(self.lifetime_max[i]))
+
+            out[reason] = {"count": total, "p50_s": q(0.5), "p90_s": q(0.9), "p99_s": q(0.99), "max_s": float(self.lifetime_max[i])}
+        return out
+
+    def _live_by_key(self, now: int) -> Tuple[Dict[Key, Tuple[int, np.ndarray, Optional[float], int]], ...]:
+        """live count, per-state counts, median age and live orphans per address / prefix / netns."""
+        live = self.live
+        if not len(live):
+            return {}, {}, {}
+        ks = self.opt.keys
+        words = ks.words(live)
+        states = state_codes(live)
+        age = np.where(
+            (live["flags"] & abi.FLAG_START_KNOWN) != 0, (now - live["start_boot_ns"].astype(np.int64)) / NS, np.nan
+        )
+        orphan = (live["flags"] & _FLAG_ORPHANED_LIVE) != 0
+        out = []
+        for kw in (words, ks.prefix_words(words), ks.netns_words(words)):
+            rep, gid = group_rows(kw)
+            m = len(rep)
+            st = np.zeros((m, len(STATE_NAMES)), dtype=np.int64)
+            np.add.at(st, (gid, states), 1)
+            cnt = st.sum(axis=1)
+            orph = np.bincount(gid, weights=orphan, minlength=m).astype(np.int64)
+            med = _group_medians(gid, age, m)
+            k0, k1, k2 = (w[rep].tolist() for w in kw)
+            out.append({(k0[g], k1[g], k2[g]): (int(cnt[g]), st[g], med[g], int(orph[g])) for g in range(m)})
+        return tuple(out)
+
+    def _rows(self, cache: _Tracked, live: Dict[Key, Any], interval: float) -> Tuple[Row, ...]:
+        rows = []
+        by = self.opt.keys.by
+        for key, acc in cache.items():
+            c = acc.counts
+            n_live, st, med, orph_live = live.get(key, (0, None, None, 0))
+            created, destroyed = int(c[_C["created"]]), int(c[_C["destroyed"]])
+            rows.append(
+                Row(
+                    key=key,
+                    label=label(key, by),
+                    netns=netns_of(key),
+                    live=n_live,
+                    created=created,
+                    destroyed=destroyed,
+                    removals={r: int(c[_C["rm:" + r]]) for r in REMOVAL_REASONS if c[_C["rm:" + r]]},
+                    orphans=int(c[_C["orphans:socket-closed"]] + c[_C["orphans:expired-established"]]),
+                    orphans_live=orph_live,
+                    drops=int(c[_C["drops"]]),
+                    states={} if st is None else {STATE_NAMES[i]: int(v) for i, v in enumerate(st) if v},
+                    new_per_s=(created - acc.prev[0]) / interval if interval else 0.0,
+                    gone_per_s=(destroyed - acc.prev[1]) / interval if interval else 0.0,
+                    median_age_s=None if med is None or math.isnan(med) else float(med),
+                    drop_samples=tuple(acc.samples or ()),
+                )
+            )
+        rows.sort(key=lambda r: (-r.live, -r.created, -r.drops, r.label))
+        return tuple(rows)
+
+
+def _group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> List[Optional[float]]:
+    """Median of the non-NaN values of each group (None where a group has none)."""
+    ok = ~np.isnan(values)
+    g, v = gid[ok], values[ok]
+    out: List[Optional[float]] = [None] * m
+    if not len(g):
+        return out
+    order = np.lexsort((v, g))
+    g, v = g[order], v[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], len(g)]
+    lo = v[starts + (ends - starts - 1) // 2]
+    hi = v[starts + (ends - starts) // 2]
+    for gi, a, b in zip(g[starts].tolist(), lo.tolist(), hi.tolist()):
+        out[gi] = (a + b) / 2
+    return out
+
+
+def _tuple_dict(r: np.void) -> Dict[str, Any]:
+    fam = int(r["family"])
+    return {
+        "family": "ipv4" if fam == abi.AF_INET else "ipv6" if fam == abi.AF_INET6 else str(fam),
+        "proto": proto_name(int(r["l4proto"])),
+        "src": addr_text(fam, r["orig_src"]),
+        "sport": int(r["orig_sport_be"]),
+        "dst": addr_text(fam, r["orig_dst"]),
+        "dport": int(r["orig_dport_be"]),
+        "netns": int(r["netns_ino"]),
+    }
