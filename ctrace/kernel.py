@@ -203,7 +203,8 @@ def plan_from(facts: KernelFacts) -> ProbePlan:
         facts, "tcp_state", ["nf_conntrack_tcp_packet"], "tcp_e", "tcp_x", False,
         "conntrack TCP state changes (STATE events)"))
     # Sockets: the tracepoint, as a raw tracepoint (no format decoding).
-    if "sock:inet_sock_set_state" in facts.tracepoints and "bpf_raw_tracepoint_open" in facts.kallsyms:
+    raw_tp = "bpf_get_raw_tracepoint" in facts.kallsyms or "bpf_raw_tracepoint_open" in facts.kallsyms
+    if "sock:inet_sock_set_state" in facts.tracepoints and raw_tp:
         probes.append(Probe("sock", "sock:inet_sock_set_state", RAW_TRACEPOINT,
                             "local TCP socket reaching CLOSE -> orphan check; raw tracepoint "
                             "(cheapest hook; tp_btf needs BTF-aware attach)",

@@ -1,0 +1,460 @@
+"""The live source: ctrace's BPF programs in the running kernel (bcc).
+
+The only module that imports bcc. Order of start-up, so the picture is exact
+from the first second: preflight checks -> plan (ctrace.kernel) -> one compile
+-> attach every probe (return probes before entry probes) -> read the entries
+that already exist -> drain what the probes saw meanwhile (an entry that shows
+up both as NEW and in the listing keeps only its NEW) -> stream.
+"""
+
+import ctypes
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ctrace import abi, kernel, sysinfo
+from ctrace.sources.base import Source, SourceInfo
+from ctrace.status import CtraceError, ExitStatus
+
+CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)
+DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
+HOLDBACK_NS = 5_000_000  # events this close to "now" wait for the next batch (cross-CPU order)
+
+
+def boot_ns() -> int:
+    return time.clock_gettime_ns(CLOCK_BOOTTIME)
+
+
+def bpf_dir() -> Path:
+    """bpf/ in a source tree, or the installed ctrace.bpf package data."""
+    here = Path(__file__).resolve().parent.parent.parent / "bpf"
+    if (here / "ctrace.bpf.c").is_file():
+        return here
+    import importlib.util
+
+    spec = importlib.util.find_spec("ctrace.bpf")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if (Path(loc) / "ctrace.bpf.c").is_file():
+                return Path(loc)
+    raise CtraceError("cannot find ctrace's BPF sources (bpf/ctrace.bpf.c)", ExitStatus.ERROR)
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def _cap_eff() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges() -> None:
+    if os.geteuid() == 0:
+        return
+    caps = _cap_eff()
+    cap_sys_admin, cap_perfmon, cap_bpf = 1 << 21, 1 << 38, 1 << 39
+    if caps & cap_sys_admin or (caps & cap_bpf and caps & cap_perfmon):
+        return
+    raise CtraceError("tracing needs root (or CAP_BPF+CAP_PERFMON): run it with sudo",
+                      ExitStatus.NO_PRIVILEGE)
+
+
+def check_conntrack() -> None:
+    if os.path.isdir("/sys/module/nf_conntrack") or os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
+        return
+    raise CtraceError("nf_conntrack is not loaded (modprobe nf_conntrack, or load a ruleset that uses "
+                      "conntrack)", ExitStatus.NO_CONNTRACK)
+
+
+def check_headers(release: str) -> None:
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    base = f"/lib/modules/{release}"
+    for d in ("build", "source"):
+        if os.path.isdir(os.path.join(base, d, "include")):
+            return
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return
+    raise CtraceError(f"no kernel headers for {release}: install linux-headers-{release}",
+                      ExitStatus.NO_KERNEL_HEADERS)
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise CtraceError("bcc is not installed: install python3-bpfcc (the distribution package)",
+                          ExitStatus.NO_BCC) from None
+    return bcc
+
+
+def load_module(name: str) -> None:
+    """Best effort modprobe (ctnetlink must be loaded before we attach to it)."""
+    if os.path.isdir(f"/sys/module/{name}"):
+        return
+    try:
+        import subprocess
+
+        subprocess.run(["modprobe", "-q", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=30)
+    except (OSError, Exception):
+        pass
+
+
+_BCC_KPROBE = re.compile(r"^[pr]:kprobes/(?P<name>\S*_bcc_(?P<pid>\d+))\s")
+
+
+def clear_orphan_kprobes() -> List[str]:
+    """Remove kprobe_events entries left by bcc processes that died (SIGKILL with
+    legacy kprobes). Returns the names removed."""
+    root = kernel.tracefs_root()
+    if not root:
+        return []
+    path = os.path.join(root, "kprobe_events")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    removed = []
+    for line in lines:
+        m = _BCC_KPROBE.match(line + " ")
+        if not m or os.path.exists(f"/proc/{m.group('pid')}"):
+            continue
+        try:
+            with open(path, "a") as f:
+                f.write(f"-:kprobes/{m.group('name')}\n")
+            removed.append(m.group("name"))
+        except OSError:
+            pass
+    return removed
+
+
+@contextmanager
+def captured_stderr() -> Iterator[List[str]]:
+    """Capture fd 2 (where bcc's C code prints compiler and verifier logs)."""
+    out: List[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _log_tail(log: str, n: int = 3) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    return " | ".join(lines[-n:]) if lines else "(no log)"
+
+
+# ---------------------------------------------------------------- aggregates
+
+IPSTAT_DTYPE = np.dtype([
+    ("netns_ino", "<u4"), ("family", "u1"), ("addr", "16u1"),
+    ("created", "<u8"), ("destroyed", "<u8", (8,)), ("orphans", "<u8"),
+    ("drop_table_full", "<u8"), ("drop_insert_failed", "<u8"),
+])
+
+
+class LiveSource(Source):
+    """Events from the running kernel. Raises CtraceError (one line, an exit
+    status) when it cannot start."""
+
+    def __init__(self, interval: float = 0.2, ring_pages: int = DEFAULT_RING_PAGES,
+                 map_entries: Optional[int] = None, verbose: bool = False,
+                 counter_every: float = 1.0, read_existing: bool = True,
+                 log: Any = None) -> None:
+        self.interval = interval
+        self.counter_every = counter_every
+        self.verbose = verbose
+        self._log = log or sys.stderr
+        self._stopping = False
+        self._closed = False
+        self._b: Any = None
+        self._chunks: List[bytes] = []
+        self._pending = abi.empty(0)
+        self._lost_seen = [0] * 8
+        self._last_counter = 0.0
+        self._existing = abi.empty(0)
+
+        release = os.uname().release
+        check_privileges()
+        bcc = import_bcc()
+        check_conntrack()
+        check_headers(release)
+        self.cleared = clear_orphan_kprobes()
+        load_module("nf_conntrack_netlink")
+        self.plan = kernel.detect()
+        missing = self.plan.missing_required()
+        if missing:
+            p = missing[0]
+            raise CtraceError(f"cannot attach {p.name} on {release}: {p.why}", ExitStatus.ATTACH_FAILED)
+
+        sysctls = sysinfo.read_sysctls()
+        ct_max = sysctls.get("nf_conntrack_max", 65536)
+        if map_entries is None:
+            map_entries = min(max(ct_max + ct_max // 4 + 1024, 16384), 1 << 21)
+        pages = 1 << max(0, int(ring_pages) - 1).bit_length()  # power of two
+        self.ring_pages = pages
+        self.map_entries = map_entries
+        src = (bpf_dir() / "ctrace.bpf.c").read_text()
+        cflags = self.plan.cflags() + [
+            f"-I{bpf_dir()}",
+            f"-DCT_RING_PAGES={pages}",
+            f"-DCT_MAP_ENTRIES={map_entries}",
+            "-Wno-macro-redefined",
+            "-Wno-unused-function",
+        ]
+        t0 = time.monotonic()
+        with captured_stderr() as logs:
+            try:
+                self._b = bcc.BPF(text=src, cflags=cflags)
+            except Exception as exc:  # bcc raises bare Exception
+                self._b = None
+                err: Optional[Exception] = exc
+            else:
+                err = None
+        log_text = "".join(logs)
+        if err is not None:
+            if self.verbose:
+                self._log.write(log_text)
+            raise CtraceError(f"BPF compile failed on {release}: {_log_tail(log_text)}", ExitStatus.ERROR)
+        self.compile_seconds = time.monotonic() - t0
+        try:
+            self._attach_all(release)
+            self._open_output()
+        except BaseException:
+            self.close()
+            raise
+        self.start_boot_ns = boot_ns()
+        self.boot_to_wall_ns = time.time_ns() - boot_ns()
+        self.problems: List[str] = []
+        if read_existing:
+            self._existing, self.problems = sysinfo.dump_entries(boot_ns())
+            self._drain()
+            self._dedupe_existing()
+        self.info = SourceInfo(
+            hostname=socket.gethostname(),
+            kernel=release,
+            boot_to_wall_ns=self.boot_to_wall_ns,
+            start_boot_ns=self.start_boot_ns,
+            sysctls=sysctls,
+            probes=self.plan.probes_info(),
+            synthetic=False,
+            extra={"plan": self.plan.to_json(), "ring_pages": pages, "map_entries": map_entries,
+                   "existing_problems": list(self.problems)},
+        )
+
+    # ------------------------------------------------------------ attach
+
+    def _attach_all(self, release: str) -> None:
+        b = self._b
+        for p in self.plan.probes:
+            if not p.attached:
+                continue
+            with captured_stderr() as logs:
+                try:
+                    if p.method == kernel.RAW_TRACEPOINT:
+                        b.attach_raw_tracepoint(tp=p.function.split(":")[-1], fn_name=p.entry)
+                    else:
+                        if p.ret:  # return probe first: no entry without its return
+                            b.attach_kretprobe(event=p.function, fn_name=p.ret)
+                        b.attach_kprobe(event=p.function, fn_name=p.entry)
+                    err: Optional[Exception] = None
+                except Exception as exc:
+                    err = exc
+            if err is None:
+                continue
+            log_text = "".join(logs)
+            msg = str(err)
+            if self.verbose:
+                self._log.write(log_text)
+            if "Failed to load BPF program" in msg or "load program" in msg.lower():
+                prog = p.ret if p.ret and p.ret.encode() in msg.encode() else p.entry
+                raise CtraceError(f"verifier rejected {prog} ({p.function}) on {release}: "
+                                  f"{_log_tail(log_text)}", ExitStatus.VERIFIER_REJECTED)
+            if p.required:
+                raise CtraceError(f"cannot attach {p.method} to {p.function} on {release}: {msg}",
+                                  ExitStatus.ATTACH_FAILED)
+            self._log.write(f"ctrace: warning: {p.function} not attached ({msg}); {p.name} events missing\n")
+
+    def _open_output(self) -> None:
+        table = self._b["events"]
+        if self.plan.ringbuf:
+            table.open_ring_buffer(self._on_ring)
+        else:
+            per_cpu = max(8, self.ring_pages // max(1, os.cpu_count() or 1))
+            per_cpu = 1 << (per_cpu - 1).bit_length()
+            table.open_perf_buffer(self._on_perf, page_cnt=per_cpu, lost_cb=self._on_perf_lost)
+
+    def _on_ring(self, ctx: Any, data: Any, size: int) -> None:
+        self._chunks.append(ctypes.string_at(data, size))
+
+    def _on_perf(self, cpu: int, data: Any, size: int) -> None:
+        self._chunks.append(ctypes.string_at(data, abi.EVENT_SIZE))
+
+    def _on_perf_lost(self, lost: int) -> None:
+        # The BPF side already counted these (perf_submit failed): nothing to add.
+        pass
+
+    # ------------------------------------------------------------ reading
+
+    def _drain(self) -> None:
+        if self._b is None:
+            return
+        if self.plan.ringbuf:
+            self._b.ring_buffer_consume()
+        else:
+            self._b.perf_buffer_poll(timeout=0)
+        if self._chunks:
+            arr = abi.decode(b"".join(self._chunks)).copy()
+            self._chunks = []
+            self._pending = np.concatenate([self._pending, arr]) if len(self._pending) else arr
+
+    def _dedupe_existing(self) -> None:
+        if not len(self._existing) or not len(self._pending):
+            return
+        new = self._pending[self._pending["kind"] == abi.Kind.NEW]
+        seen = set(sysinfo.entry_keys(new))
+        keep = np.array([k not in seen for k in sysinfo.entry_keys(self._existing)], dtype=bool)
+        self._existing = self._existing[keep]
+
+    def per_cpu_sum(self, name: str, n: int) -> List[int]:
+        t = self._b[name]
+        return [int(t.sum(t.Key(i)).value) for i in range(n)]
+
+    def lost_counts(self) -> Dict[int, int]:
+        vals = self.per_cpu_sum("lost", 8)
+        return {int(c): vals[int(c)] for c in abi.LostCause}
+
+    def produced_counts(self) -> Dict[int, int]:
+        vals = self.per_cpu_sum("produced", 16)
+        return {int(k): vals[int(k)] for k in abi.Kind if int(k) < 16}
+
+    def _lost_records(self, ts: int) -> np.ndarray:
+        vals = self.per_cpu_sum("lost", 8)
+        out = []
+        for cause in abi.LostCause:
+            d = vals[cause] - self._lost_seen[cause]
+            if d > 0:
+                r = abi.empty(1)
+                r["kind"] = abi.Kind.LOST
+                r["reason"] = cause
+                r["value"] = d
+                r["ts_boot_ns"] = ts
+                out.append(r)
+        self._lost_seen = vals
+        return np.concatenate(out) if out else abi.empty(0)
+
+    def _counter_records(self, ts: int) -> np.ndarray:
+        sysctls = sysinfo.read_sysctls()
+        stat = sysinfo.read_stat()
+        ns = sysinfo.own_netns()
+        vals = [
+            (abi.Counter.COUNT, sysctls.get("nf_conntrack_count")),
+            (abi.Counter.MAX, sysctls.get("nf_conntrack_max")),
+            (abi.Counter.BUCKETS, sysctls.get("nf_conntrack_buckets")),
+            (abi.Counter.INSERT_FAILED, stat.get("insert_failed")),
+            (abi.Counter.DROP, stat.get("drop")),
+            (abi.Counter.EARLY_DROP, stat.get("early_drop")),
+        ]
+        vals = [(c, v) for c, v in vals if v is not None]
+        r = abi.empty(len(vals))
+        for i, (c, v) in enumerate(vals):
+            r[i]["kind"] = abi.Kind.COUNTER
+            r[i]["reason"] = c
+            r[i]["value"] = v
+            r[i]["ts_boot_ns"] = ts
+            r[i]["netns_ino"] = ns
+        return r
+
+    def existing(self) -> np.ndarray:
+        return self._existing
+
+    def poll(self, final: bool = False) -> np.ndarray:
+        """One poll: everything up to now (minus a few ms of hold-back unless final), sorted."""
+        self._drain()
+        now = boot_ns()
+        extra = [self._lost_records(now)]
+        if final or time.monotonic() - self._last_counter >= self.counter_every:
+            self._last_counter = time.monotonic()
+            extra.append(self._counter_records(now))
+        arr = np.concatenate([self._pending] + extra)
+        order = np.argsort(arr["ts_boot_ns"], kind="stable")
+        arr = arr[order]
+        if final:
+            self._pending = abi.empty(0)
+            return arr
+        cut = int(np.searchsorted(arr["ts_boot_ns"], now - HOLDBACK_NS, side="right"))
+        self._pending = arr[cut:]
+        return arr[:cut]
+
+    def batches(self) -> Iterator[np.ndarray]:
+        while not self._closed and self._b is not None:
+            deadline = time.monotonic() + self.interval
+            while not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 0.05))
+            if self._closed or self._b is None:
+                return
+            final = self._stopping
+            arr = self.poll(final=final)
+            if len(arr):
+                yield arr
+            if final:
+                return
+
+    def aggregates(self) -> np.ndarray:
+        """In-kernel per netns+source-IP counters (batch lookup where bcc has it)."""
+        t = self._b["ipstats"]
+        try:
+            items = list(t.items_lookup_batch())
+        except Exception:
+            items = list(t.items())
+        out = np.zeros(len(items), dtype=IPSTAT_DTYPE)
+        for i, (k, v) in enumerate(items):
+            out[i]["netns_ino"] = k.netns
+            out[i]["family"] = k.family
+            out[i]["addr"] = np.frombuffer(bytes(bytearray(k.addr)), dtype=np.uint8)
+            out[i]["created"] = v.created
+            out[i]["destroyed"] = list(v.destroyed)
+            out[i]["orphans"] = v.orphans
+            out[i]["drop_table_full"] = v.drop_table_full
+            out[i]["drop_insert_failed"] = v.drop_insert_failed
+        return out
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        b, self._b = self._b, None
+        if b is not None:
+            try:
+                b.cleanup()
+            except Exception:
+                pass
