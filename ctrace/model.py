@@ -45,7 +45,7 @@ COLUMNS = (
     + tuple("rm:" + r for r in REMOVAL_REASONS)
     + ("drops",)
     + tuple("drop:" + r for r in DROP_REASONS)
-    + ("orphans:" + k for k in ORPHAN_KINDS)
+    + tuple("orphans:" + k for k in ORPHAN_KINDS)
 )
 _C = {name: i for i, name in enumerate(COLUMNS)}
 
@@ -320,7 +320,7 @@ class Model:
         known = has_start & ((start_rows["flags"] & abi.FLAG_START_KNOWN) != 0) | born_in_stream
         flags = new_live["flags"] & ~np.uint8(_FLAG_ORPHANED_LIVE | abi.FLAG_START_KNOWN)
         flags |= np.where(known, np.uint8(abi.FLAG_START_KNOWN), np.uint8(0)).astype(np.uint8)
-        was_orphan = (start_rows["flags"] & _FLAG_ORPHANED_LIVE) != 0
+        was_orphan = ((start_rows["flags"] & _FLAG_ORPHANED_LIVE) != 0) | ((new_live["flags"] & abi.FLAG_ORPHANED) != 0)
         orphaned = (was_orphan | (last_orphan[keep_groups] > starts)) & (new_live["ct_state"] == abi.TcpState.ESTABLISHED)
         orphaned &= new_live["l4proto"] == abi.IPPROTO_TCP
         flags |= np.where(orphaned, np.uint8(_FLAG_ORPHANED_LIVE), np.uint8(0)).astype(np.uint8)

@@ -1,0 +1,27 @@
+"""Options shared by the commands that build a model."""
+
+from typing import Any, Callable
+
+import click
+
+from ctrace.keys import BY_CHOICES, KeySpace
+from ctrace.model import ModelOptions
+from ctrace.status import CtraceError, ExitStatus
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--by, --prefix4, --prefix6, --max-keys."""
+    fn = click.option("--max-keys", type=click.IntRange(1, 10_000_000), default=65536, show_default=True,
+                      help="Addresses (and prefixes) tracked before the least recent are evicted and counted as untracked.")(fn)
+    fn = click.option("--prefix6", type=click.IntRange(0, 128), default=64, show_default=True, help="IPv6 prefix length for rollups.")(fn)
+    fn = click.option("--prefix4", type=click.IntRange(0, 32), default=24, show_default=True, help="IPv4 prefix length for rollups.")(fn)
+    fn = click.option("--by", type=click.Choice(BY_CHOICES), default="src", show_default=True,
+                      help="Count entries under their original source, destination, or destination port.")(fn)
+    return fn
+
+
+def build_model_options(by: str, prefix4: int, prefix6: int, max_keys: int) -> ModelOptions:
+    try:
+        return ModelOptions(keys=KeySpace(by=by, prefix_v4=prefix4, prefix_v6=prefix6), max_keys=max_keys)
+    except ValueError as exc:
+        raise CtraceError(str(exc), ExitStatus.USAGE) from None
