@@ -78,6 +78,9 @@ struct ct_tkey {
 	u8 dst[16];
 };
 BPF_HASH(tuples, struct ct_tkey, u64, CT_MAP_ENTRIES);
+/* The same keyed with netns 0: a socket in one namespace (a pod) whose flow
+ * is tracked in another (the host). Last insert wins on identical tuples. */
+BPF_HASH(tuples_any, struct ct_tkey, u64, CT_MAP_ENTRIES);
 
 /* Entries whose removal was already reported (nf_ct_delete seen): the free
  * path must not report them again. Cleared when the entry is freed. */
@@ -299,6 +302,8 @@ static __always_inline void on_new(void *ctx, u64 ctp)
 	tkey_make(&k, ci.netns, &ci.orig);
 	if (tuples.update(&k, &ctp) != 0)
 		lost_inc(CT_LOST_MAP_FULL);
+	k.netns = 0;
+	tuples_any.update(&k, &ctp);
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->created, 1);
@@ -453,6 +458,10 @@ static __always_inline void on_removed(void *ctx, u64 ctp)
 	u64 *cur = tuples.lookup(&k);
 	if (cur && *cur == ctp)
 		tuples.delete(&k);
+	k.netns = 0;
+	cur = tuples_any.lookup(&k);
+	if (cur && *cur == ctp)
+		tuples_any.delete(&k);
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->destroyed[reason & (CT_NREASON - 1)], 1);
@@ -642,21 +651,28 @@ static __always_inline void on_sock_close(void *ctx, struct sock *sk, u8 oldstat
 	}
 
 	/* The socket is the original direction's source (client) or its
-	 * destination (server): try both orientations. */
+	 * destination (server): try both orientations, in the socket's own
+	 * namespace first, then in any namespace. */
+	struct ct_tkey r = {};
+	r.netns = k.netns;
+	r.family = k.family;
+	r.proto = k.proto;
+	r.sport_be = k.dport_be;
+	r.dport_be = k.sport_be;
+	__builtin_memcpy(r.src, k.dst, 16);
+	__builtin_memcpy(r.dst, k.src, 16);
 	u64 *cur = tuples.lookup(&k);
-	if (!cur) {
-		struct ct_tkey r = {};
-		r.netns = k.netns;
-		r.family = k.family;
-		r.proto = k.proto;
-		r.sport_be = k.dport_be;
-		r.dport_be = k.sport_be;
-		__builtin_memcpy(r.src, k.dst, 16);
-		__builtin_memcpy(r.dst, k.src, 16);
+	if (!cur)
 		cur = tuples.lookup(&r);
+	if (!cur) {
+		k.netns = 0;
+		r.netns = 0;
+		cur = tuples_any.lookup(&k);
 		if (!cur)
-			return;
+			cur = tuples_any.lookup(&r);
 	}
+	if (!cur)
+		return;
 	u64 ctp = *cur;
 	if (ct_read_state((struct nf_conn *)ctp) != CT_TCP_ESTABLISHED)
 		return;

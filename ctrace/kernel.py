@@ -149,6 +149,9 @@ def _function_probe(facts: KernelFacts, name: str, candidates: Iterable[str], en
                     required: bool, purpose: str, allow_clones: bool = False,
                     shim: str = "") -> Probe:
     tried = []
+    if "register_kprobe" not in facts.kallsyms:
+        return Probe(name, "", ABSENT, f"{purpose}; kernel has no kprobes (register_kprobe absent)",
+                     "", "", required)
     for cand in candidates:
         sym = _find(facts, cand, allow_clones)
         if sym is None:

@@ -15,6 +15,7 @@ COMMON = {
     "nf_conntrack_cleanup_net_list": NFCT,
     "ctnetlink_del_conntrack": "nf_conntrack_netlink",
     "tcp_set_state": "",
+    "register_kprobe": "",
     "bpf_trampoline_link_prog": "",
     "bpf_get_raw_tracepoint": "",
     "bpf_ringbuf_reserve": "",
@@ -132,7 +133,8 @@ def test_read_facts_from_fake_tree(tmp_path):
         "ffffffffc0a01000 t __nf_conntrack_confirm\t[nf_conntrack]\n"
         "ffffffffc0a03000 T nf_ct_destroy\t[nf_conntrack]\n"
         "ffffffff81000000 T bpf_ringbuf_reserve\n"
-        "ffffffff81000100 T bpf_trampoline_link_prog\n")
+        "ffffffff81000100 T bpf_trampoline_link_prog\n"
+        "ffffffff81000200 T register_kprobe\n")
     tr = tmp_path / "sys/kernel/tracing"
     (tr / "events/sock/inet_sock_set_state").mkdir(parents=True)
     (tr / "available_filter_functions").write_text("__nf_conntrack_confirm [nf_conntrack]\n"
@@ -155,3 +157,11 @@ def test_detect_does_not_crash_on_host():
     # Whatever this host is, detection returns a plan (possibly with absences).
     plan = kernel.detect()
     assert plan.kernel == os.uname().release or plan.kernel
+
+
+def test_no_kprobes():
+    syms = {k: v for k, v in K61.kallsyms.items() if k != "register_kprobe"}
+    plan = plan_from(KernelFacts(**{**K61.__dict__, "kallsyms": syms}))
+    assert plan.probe("confirm").method == ABSENT
+    assert "no kprobes" in plan.probe("confirm").why
+    assert plan.missing_required()

@@ -1,0 +1,318 @@
+"""ctrace's probes against ground truth, on a real kernel (lab guest only).
+
+One LiveSource per boot (a bcc compile costs ~35 s under emulation): the
+session fixture starts it after creating some connections (they must come
+back as EXISTING), and a poller thread drains it every 100 ms. Each test
+builds its own namespaces, so its events are picked out by netns inode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pytest
+
+from lab_toolkit import (
+    Topology,
+    abort_pending,
+    close_client_only,
+    close_fin,
+    close_rst,
+    conntrack_flush,
+    conntrack_list,
+    conntrack_stats,
+    run,
+    sysctls,
+)
+
+from ctrace import abi
+
+TEST_RING_PAGES = 256  # 1 MiB: small enough that the loss test can overflow it
+
+
+def ns_inode(ns: str) -> int:
+    return os.stat(f"/run/netns/{ns}").st_ino
+
+
+def ip16(ip: str) -> bytes:
+    b = ipaddress.ip_address(ip).packed
+    return b + bytes(16 - len(b))
+
+
+def tuple_of(rec: np.void) -> Tuple[str, str, int, int]:
+    fam = int(rec["family"])
+    n = 4 if fam == abi.AF_INET else 16
+    src = str(ipaddress.ip_address(bytes(rec["orig_src"][:n])))
+    dst = str(ipaddress.ip_address(bytes(rec["orig_dst"][:n])))
+    return (src, dst, int(rec["orig_sport_be"]), int(rec["orig_dport_be"]))
+
+
+class Collector:
+    """Drains the live source in a thread; `pause()` stands in for a stopped consumer."""
+
+    def __init__(self, src) -> None:  # type: ignore[no-untyped-def]
+        self.src = src
+        self.lock = threading.Lock()
+        self.parts: List[np.ndarray] = []
+        self.paused = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            time.sleep(0.1)
+            if self.paused.is_set():
+                continue
+            with self.lock:
+                arr = self.src.poll()
+                if len(arr):
+                    self.parts.append(arr)
+
+    def events(self) -> np.ndarray:
+        with self.lock:
+            if not self.parts:
+                return abi.empty(0)
+            arr = np.concatenate(self.parts)
+            self.parts = [arr]
+            return arr
+
+    def select(self, netns: int, kind: Optional[int] = None) -> np.ndarray:
+        ev = self.events()
+        m = ev["netns_ino"] == netns
+        if kind is not None:
+            m &= ev["kind"] == kind
+        return ev[m]
+
+    def wait(self, pred: Callable[[], object], timeout: float, what: str) -> object:
+        deadline = time.monotonic() + timeout
+        while True:
+            v = pred()
+            if v:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture(scope="session")
+def live(lab_out: str) -> Iterator[Tuple[object, Collector, dict]]:
+    from ctrace.sources.live import LiveSource
+
+    pre = Topology.create(prefix="ctpre")
+    server = pre.tcp_server(port=7000)
+    pre_conns = pre.connect(pre.client_v4[0], 5, server) + pre.connect(pre.client_v6[0], 3, server)
+    t0 = time.monotonic()
+    src = LiveSource(interval=0.1, ring_pages=TEST_RING_PAGES)
+    startup = time.monotonic() - t0
+    with open(os.path.join(lab_out, "probe-plan.json"), "w") as f:
+        json.dump({"plan": src.plan.to_json(), "startup_s": startup,
+                   "compile_s": src.compile_seconds}, f, indent=1)
+    col = Collector(src)
+    ctx = {"pre": pre, "pre_conns": pre_conns, "startup": startup}
+    try:
+        yield src, col, ctx
+    finally:
+        col.close()
+        src.close()
+        pre.destroy()
+
+
+def per_ip(arr: np.ndarray) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for r in arr:
+        ip = tuple_of(r)[0]
+        out[ip] = out.get(ip, 0) + 1
+    return out
+
+
+def test_plan_required_attached(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    assert not src.plan.missing_required()
+    names = {p.name: p for p in src.plan.probes}
+    for n in ("confirm", "destroy", "alloc", "early_drop", "ctnetlink", "netns", "tcp_state", "sock"):
+        assert names[n].attached, names[n]
+
+
+def test_existing_entries(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    pre: Topology = ctx["pre"]
+    ino = ns_inode(pre.server_ns)
+    ex = src.existing()
+    mine = ex[ex["netns_ino"] == ino]
+    want = sorted(c.tuple for c in ctx["pre_conns"])
+    assert sorted(tuple_of(r) for r in mine) == want
+    assert (mine["ct_state"] == abi.TcpState.ESTABLISHED).all()
+
+
+def test_counts_per_ip_and_flush(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    with Topology.create() as topo:
+        ino = ns_inode(topo.server_ns)
+        server = topo.tcp_server()
+        server6 = topo.tcp_server(v6=True)
+        want: Dict[str, int] = {}
+        conns = []
+        for i, ip in enumerate(topo.client_v4):
+            n = 4 + 3 * i
+            conns += topo.connect(ip, n, server)
+            want[ip] = n
+        conns += topo.connect(topo.client_v6[0], 6, server6)
+        want[topo.client_v6[0]] = 6
+        total = sum(want.values())
+        col.wait(lambda: len(col.select(ino, abi.Kind.NEW)) >= total, 10, "NEW events")
+        time.sleep(0.5)
+        new = col.select(ino, abi.Kind.NEW)
+        assert per_ip(new) == want
+        truth = conntrack_list(topo.server_ns) + conntrack_list(topo.server_ns, "ipv6")
+        truth_ip: Dict[str, int] = {}
+        for e in truth:
+            truth_ip[e.orig["src"]] = truth_ip.get(e.orig["src"], 0) + 1
+        assert truth_ip == want
+        assert sorted(tuple_of(r) for r in new) == sorted(c.tuple for c in conns)
+        assert (new["flags"] & abi.FLAG_START_KNOWN).all()
+        # aggregates agree
+        agg = src.aggregates()
+        agg = agg[agg["netns_ino"] == ino]
+        got = {str(ipaddress.ip_address(bytes(a["addr"][:4] if a["family"] == abi.AF_INET else a["addr"])))
+               : int(a["created"]) for a in agg}
+        assert got == want
+
+        conntrack_flush(topo.server_ns)
+        col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY)) >= total, 10, "DESTROY after flush")
+        time.sleep(0.5)
+        d = col.select(ino, abi.Kind.DESTROY)
+        assert len(d) == total
+        assert (d["reason"] == abi.DestroyReason.DELETE).all(), np.unique(d["reason"])
+        assert (d["ct_state"] == abi.TcpState.ESTABLISHED).all()
+        assert (d["flags"] & abi.FLAG_START_KNOWN).all()
+        assert per_ip(d) == want
+
+
+def test_fin_and_rst_closes(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    with Topology.create() as topo:
+        ino = ns_inode(topo.server_ns)
+        with sysctls({"net.netfilter.nf_conntrack_tcp_timeout_time_wait": 3,
+                      "net.netfilter.nf_conntrack_tcp_timeout_close": 3}, ns=topo.server_ns):
+            server = topo.tcp_server()
+            fin = topo.connect(topo.client_v4[0], 6, server)
+            rst = topo.connect(topo.client_v4[1], 4, server)
+            close_fin(fin)
+            close_rst(rst)
+            col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY)) >= 10, 120, "expiry of closed entries")
+            time.sleep(0.5)
+        d = col.select(ino, abi.Kind.DESTROY)
+        assert len(d) == 10
+        assert (d["reason"] == abi.DestroyReason.TIMEOUT).all(), np.unique(d["reason"])
+        by = {tuple_of(r): int(r["ct_state"]) for r in d}
+        assert {by[c.tuple] for c in fin} == {abi.TcpState.TIME_WAIT}
+        assert {by[c.tuple] for c in rst} == {abi.TcpState.CLOSE}
+        st = col.select(ino, abi.Kind.STATE)
+        assert len(st) > 0
+        assert set(st["ct_state"]) >= {abi.TcpState.TIME_WAIT, abi.TcpState.CLOSE}
+
+
+def test_orphans_then_established_timeout(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    with Topology.create() as topo:
+        ino = ns_inode(topo.server_ns)
+        with sysctls({"net.netfilter.nf_conntrack_tcp_timeout_established": 5}, ns=topo.server_ns):
+            server = topo.tcp_server()
+            conns = topo.connect(topo.client_v4[2], 5, server) + topo.connect(topo.client_v6[1], 3,
+                                                                                topo.tcp_server(v6=True))
+            topo.drop_fin_rst()
+            # keep the connections quiet so that only the established timeout can end them
+            closed_at = time.monotonic()
+            close_client_only(conns, rst=True)
+            col.wait(lambda: len(col.select(ino, abi.Kind.ORPHAN)) >= len(conns), 5, "ORPHAN events")
+            took = time.monotonic() - closed_at
+            o = col.select(ino, abi.Kind.ORPHAN)
+            assert sorted(tuple_of(r) for r in o) == sorted(c.tuple for c in conns)
+            assert took < 2.5, took
+            assert (o["ct_state"] == abi.TcpState.ESTABLISHED).all()
+            assert topo.dropped_fin_rst() >= len(conns)
+            col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY)) >= len(conns), 120, "established expiry")
+            time.sleep(0.3)
+        d = col.select(ino, abi.Kind.DESTROY)
+        assert sorted(tuple_of(r) for r in d) == sorted(c.tuple for c in conns)
+        assert (d["reason"] == abi.DestroyReason.TIMEOUT).all(), np.unique(d["reason"])
+        assert (d["ct_state"] == abi.TcpState.ESTABLISHED).all()
+
+
+def test_table_full(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    with Topology.create() as topo:
+        ino = ns_inode(topo.server_ns)
+        server = topo.tcp_server()
+        before = conntrack_stats(topo.server_ns)
+        cap = 12
+        with sysctls({"net.netfilter.nf_conntrack_max": cap}):
+            ok = topo.connect(topo.client_v4[0], cap, server)
+            done, stuck = topo.try_connect(topo.client_v4[1], 4, server, wait=1.5)
+            abort_pending(stuck)
+            time.sleep(0.5)
+            after = conntrack_stats(topo.server_ns)
+        drops = col.select(ino, abi.Kind.DROP)
+        full = drops[drops["reason"] == abi.DropReason.TABLE_FULL]
+        assert len(ok) == cap and not done and len(stuck) == 4
+        assert len(full) == after["drop"] - before["drop"] > 0
+        assert set(tuple_of(r)[0] for r in full) == {topo.client_v4[1]}
+        assert set(full["l4proto"]) == {abi.IPPROTO_TCP}
+        assert set(tuple_of(r)[3] for r in full) == {server.port}
+
+
+def test_netns_teardown(live) -> None:  # type: ignore[no-untyped-def]
+    src, col, ctx = live
+    topo = Topology.create()
+    ino = ns_inode(topo.server_ns)
+    server = topo.tcp_server()
+    conns = topo.connect(topo.client_v4[0], 7, server)
+    topo.destroy()
+    col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY)) >= 7, 60, "netns teardown")
+    d = col.select(ino, abi.Kind.DESTROY)
+    assert len(d) == 7
+    assert (d["reason"] == abi.DestroyReason.NETNS).all(), np.unique(d["reason"])
+
+
+def test_loss_is_counted(live) -> None:  # type: ignore[no-untyped-def]
+    """Consumer stopped during a burst: delivered + counted lost = generated, lost > 0."""
+    src, col, ctx = live
+    with Topology.create() as topo:
+        ino = ns_inode(topo.server_ns)
+        sink = topo.udp_sink()
+        n_per_ip = 4000  # 12,000 NEW records; the 1 MiB ring holds ~7,280
+        col.paused.set()
+        try:
+            with col.lock:
+                col.parts.append(src.poll(final=True))
+                start = len(col.parts)
+                lost0 = src.lost_counts()
+            for ip in topo.client_v4:
+                topo.send_udp(ip, n_per_ip, sink)
+            with col.lock:
+                lost1 = src.lost_counts()
+                tail = src.poll(final=True)
+                window = [tail] + col.parts[start:]
+        finally:
+            col.paused.clear()
+        n = n_per_ip * len(topo.client_v4)
+        w = np.concatenate(window)
+        lost = sum(lost1.values()) - sum(lost0.values())
+        delivered = w[(w["netns_ino"] == ino) & (w["kind"] == abi.Kind.NEW)]
+        lost_records = int(w[w["kind"] == abi.Kind.LOST]["value"].sum())
+        assert lost > 0
+        assert lost_records == lost
+        assert len(delivered) + lost == n, (len(delivered), lost, n)
+        cause = abi.LostCause.RINGBUF_FULL if src.plan.ringbuf else abi.LostCause.PERF_BUFFER
+        assert lost1[cause] - lost0[cause] == lost
