@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import socket
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -199,7 +200,10 @@ def _open_map(path: str) -> Tuple[Any, int]:
     except OSError as exc:
         raise CtraceError(f"{path}: cannot open: {exc.strerror}", ExitStatus.NO_INPUT) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise CtraceError(f"{path}: is a directory, not a recording", ExitStatus.NO_INPUT)
+        size = st.st_size
         if size == 0:
             return b"", 0
         try:
@@ -271,9 +275,14 @@ def _chunks(buf: Any, size: int, pos: int, path: str) -> Iterator[Tuple[bytes, i
 
 
 def read(path: str) -> Recording:
-    """Read a whole recording. Raises TraceFormatError if nothing is usable; otherwise
-    returns every complete chunk, with `damage` saying what was lost and where."""
+    """Read a whole recording file (see parse)."""
     buf, size = _open_map(path)
+    return parse(buf, size, path)
+
+
+def parse(buf: Any, size: int, path: str = "<recording>") -> Recording:
+    """Decode a recording held in memory. Raises TraceFormatError if nothing is usable;
+    otherwise returns every complete chunk, with `damage` saying what was lost and where."""
     major, minor, header, pos = _read_header(buf, size, path)
     record_size = int(header["record_size"])
     parts: Dict[bytes, List[np.ndarray]] = {T_EXISTING: [], T_EVENTS: []}

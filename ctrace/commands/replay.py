@@ -14,7 +14,7 @@ from ctrace.views.top import GROUPS, render_frame
 
 
 @click.command("replay")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--speed", type=click.FloatRange(0.001, None), default=1.0, show_default=True, help="Replay N times faster than recorded.")
 @click.option("--fast", is_flag=True, help="No waiting between frames.")
 @click.option("--interval", type=click.FloatRange(0.01, None), default=1.0, show_default=True, help="Recorded seconds per frame.")

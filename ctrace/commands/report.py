@@ -13,7 +13,7 @@ from ctrace.views import report
 
 
 @click.command("report")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print the ctrace.report/1 JSON document (see docs/REPORT.md).")
 @click.option("--top", type=click.IntRange(1, None), default=None, help="Only the N largest addresses and prefixes [text: 20].")
 @model_options
