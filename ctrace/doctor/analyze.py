@@ -495,6 +495,12 @@ class _Analysis:
                 f"the table read was empty but nf_conntrack_count is {s.count}: this view may be another "
                 "network namespace's"
             )
+        if t.above_timeout:
+            self.notes.append(
+                f"{_n(t.above_timeout)} TCP entries have more time left than their state's timeout allows: the "
+                "timeout was lowered after their last packet, and they keep the old expiry until they see a packet "
+                "or are deleted (conntrack -D)"
+            )
         self.tables["sources"] = [{"ip": ip, "entries": n} for ip, n in t.src_ips.most_common(self.top)]
         self.tables["prefixes"] = [
             {"prefix": p, "entries": n, "addresses": len(t.prefix_addrs.get(p, ()))}

@@ -396,9 +396,11 @@ class LiveInputs(DirectoryInputs):
     kind = "live"
     live = True
 
-    def __init__(self, run: Optional[Callable[..., "subprocess.CompletedProcess[bytes]"]] = None) -> None:
-        super().__init__("/", label="this machine")
+    def __init__(self, run: Optional[Callable[..., "subprocess.CompletedProcess[bytes]"]] = None, root: str = "/") -> None:
+        # `root` and `run` exist for tests: a constructed tree read as if it were live
+        super().__init__(root, label="this machine" if root == "/" else root)
         self._run = run or subprocess.run
+        self._which: Callable[[str], Optional[str]] = shutil.which if run is None else (lambda name: name)
         self.meta = {
             "format": BUNDLE_FORMAT,
             "hostname": socket.gethostname(),
@@ -426,7 +428,7 @@ class LiveInputs(DirectoryInputs):
     def _command(self, rel: str) -> IO[bytes]:
         argv, timeout = COMMANDS[rel]
         shown = " ".join(argv)
-        if shutil.which(argv[0]) is None:
+        if self._which(argv[0]) is None:
             raise InputMissing(f"{argv[0]} is not installed")
         out = tempfile.TemporaryFile()
         env = dict(os.environ, LC_ALL="C")

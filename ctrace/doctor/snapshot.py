@@ -69,6 +69,7 @@ UDP_FRESH_S = 5  # an unanswered UDP entry refreshed this recently: someone keep
 DEFAULT_RACE_WINDOW = 8.0  # assumed when a tree carries no read timing
 
 _LOOPBACK = ("127.", "::1")
+_OLD = 1 << 62  # "idle for longer than any race": entries older than the current timeout
 
 
 @dataclass
@@ -210,10 +211,13 @@ class _Fold:
         if e.timeout is not None and state in TCP_STATE_TIMEOUT:
             configured = self.t(TCP_STATE_TIMEOUT[state])
             if e.timeout > configured:
+                # the timeout was lowered after this entry's last packet: it is old, its idle age unknown
                 s.above_timeout += 1
-            idle = max(0, configured - e.timeout)
-            race_idle = idle
-            if state == "ESTABLISHED" and e.timeout <= self.ambiguous_at:
+                race_idle = _OLD
+            else:
+                idle = max(0, configured - e.timeout)
+                race_idle = idle
+            if idle is not None and state == "ESTABLISHED" and e.timeout <= self.ambiguous_at:
                 # the kernel caps the timeout while data is unacknowledged or retransmitted
                 race_idle = min(idle, max(0, self.ambiguous_at - e.timeout))
                 idle = None
@@ -221,7 +225,7 @@ class _Fold:
             s.est_entries += 1
             if idle is not None:
                 s.est_idle_all.append(idle)
-            elif e.timeout is not None:
+            elif e.timeout is not None and race_idle != _OLD:
                 s.est_ambiguous += 1
         orphan = False
         if client or server:
@@ -244,7 +248,8 @@ class _Fold:
                         orphan = True
                         row.orphans += 1
                         row.orphan_peers[(peer, "client" if client else "server")] += 1
-                        row.orphan_idle.append(idle if idle is not None else (race_idle or 0))
+                        if idle is not None:
+                            row.orphan_idle.append(idle)
         if state == "ESTABLISHED" and idle is not None and not orphan:
             s.est_idle_keep.append(idle)
 
