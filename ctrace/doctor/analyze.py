@@ -80,6 +80,13 @@ def _dur(seconds: float) -> str:
     return f"{s} s"
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def _round_up(x: float, step: int) -> int:
     return int(math.ceil(x / step) * step) if x > 0 else step
 
@@ -194,7 +201,7 @@ class _Analysis:
                 commands=_sysctl_cmds("nf_conntrack_max", new_max),
                 tradeoff=(
                     f"Kernel memory grows with the entries actually used: {self.entry_bytes_text()}, so up to "
-                    f"{worst / 2**20:.0f} MiB when {_n(new_max)} entries are full. Keep nf_conntrack_buckets in step "
+                    f"{_bytes(worst)} when {_n(new_max)} entries are full. Keep nf_conntrack_buckets in step "
                     "(see hashsize-small) or lookups slow down as chains grow."
                 ),
             ),
@@ -264,7 +271,7 @@ class _Analysis:
                     f"echo 'options nf_conntrack hashsize={target}' > /etc/modprobe.d/nf_conntrack.conf",
                 ],
                 tradeoff=(
-                    f"{target * 8 / 2**20:.1f} MiB of kernel memory (8 B per bucket). The resize rehashes every "
+                    f"{_bytes(target * 8)} of kernel memory (8 B per bucket). The resize rehashes every "
                     "entry while new connections wait: a short stall, so do it outside the peak."
                 ),
             ),
@@ -409,7 +416,7 @@ class _Analysis:
             "per_cpu": {c: st.by_cpu(c) for c in ("insert_failed", "drop", "early_drop", "search_restart") if c in st.columns},
         }
         critical_now = self.fill is not None and self.fill >= self.th.fill_critical
-        since = "since boot (or since nf_conntrack was loaded)"
+        since = "since boot or module load"
         failed = totals.get("insert_failed") or 0
         drop = totals.get("drop") or 0
         early = totals.get("early_drop") or 0
@@ -438,7 +445,7 @@ class _Analysis:
                         "a node-local DNS cache or glibc's `options single-request-reopen` in /etc/resolv.conf; "
                         "if chaintoolong grows, see hashsize-small."
                     ),
-                    commands=["conntrack -S", "grep -c . /proc/net/stat/nf_conntrack"],
+                    commands=["conntrack -S; sleep 60; conntrack -S"],
                     tradeoff=(
                         "single-request-reopen sends the A and AAAA queries from different sockets, one socket "
                         "more per lookup; a node-local cache is one more daemon to run."

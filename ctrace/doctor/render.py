@@ -48,9 +48,9 @@ def _evidence_lines(ev: Dict[str, Any]) -> List[str]:
                 cells = []
                 for rk, rv in row.items():
                     if isinstance(rv, list):
-                        rv = "; ".join(
+                        rv = "[" + "; ".join(
                             " ".join(f"{a}={b}" for a, b in x.items()) if isinstance(x, dict) else str(x) for x in rv[:5]
-                        )
+                        ) + "]"
                     cells.append(f"{rk}={rv}")
                 lines += _wrap(" ".join(cells), "      ", "    - ")
         elif isinstance(v, list) and v:
