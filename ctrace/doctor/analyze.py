@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from ctrace.doctor import inputs as P
-from ctrace.doctor.model import SCHEMA, Check, Finding, Missing, Recommendation, Report, Severity
+from ctrace.doctor.model import (
+    SCHEMA,
+    Check,
+    Finding,
+    Missing,
+    Recommendation,
+    Report,
+    Severity,
+)
 from ctrace.doctor.snapshot import DEFAULT_TIMEOUTS, Snapshot, TableSummary
 
 __all__ = ["SCHEMA", "Thresholds", "analyze"]
@@ -278,8 +286,8 @@ class _Analysis:
         ))
 
     def timeouts(self) -> None:
-        s, th = self.s, self.th
-        rows = []
+        s = self.s
+        rows: List[Dict[str, Any]] = []
         for name, default in DEFAULT_TIMEOUTS.items():
             if name in s.sysctls:
                 rows.append({"name": name, "value": s.sysctls[name], "default": default})
@@ -434,7 +442,7 @@ class _Analysis:
                     "the same connection first and the clash could not be resolved (typically UDP through NAT: "
                     "DNS A and AAAA queries sent at once from one socket), or the hash chain was too long "
                     "(chaintoolong). That packet is dropped; for DNS it means a 5-second resolver timeout. "
-                    + (f"The kernel did resolve {_n(totals['clash_resolve'])} clashes (clash_resolve). "
+                    + (f"The kernel did resolve {_n(totals['clash_resolve'] or 0)} clashes (clash_resolve). "
                        if totals.get("clash_resolve") else "")
                     + "The counter is cumulative: compare two readings to see whether it still grows."
                 ),
@@ -667,8 +675,8 @@ class _Analysis:
             return
         hits.sort(key=lambda h: -h[1].orphans)
         total = sum(h[1].orphans for h in hits)
-        addresses = []
-        cmds = []
+        addresses: List[Dict[str, Any]] = []
+        cmds: List[str] = []
         for ip, row, socks in hits[: self.top]:
             peers = []
             for (peer, side), c in row.orphan_peers.most_common(5):
@@ -738,7 +746,7 @@ class _Analysis:
         ))
 
     def ruleset(self) -> None:
-        s, th = self.s, self.th
+        s = self.s
         scan = s.ruleset
         if not self.check("ruleset", scan is not None, "no saved ruleset (nft, iptables-save) could be read"):
             return

@@ -341,7 +341,7 @@ class BundleInputs(Inputs):
                 raise InputMissing(f"when collected: {recorded[rel]}")
             raise InputMissing("not in the bundle" + (" (bundle truncated)" if self.meta.get("truncated") else ""))
         f.seek(0)
-        return _Unclosable(f)
+        return _Unclosable(f)  # type: ignore[return-value]
 
     def _list(self, rel: str) -> List[str]:
         prefix = rel.rstrip("/") + "/"

@@ -1,7 +1,15 @@
 """Constructed root trees, each producing exactly the expected findings and numbers."""
 
 from conftest import finding, ids, report_of, run_cli
-from doctor_tree import IPT_EMPTY, NFT_STATELESS, NFT_STATEFUL, STAT_HEADER_510, Tree, ct_tcp, ct_udp
+from doctor_tree import (
+    IPT_EMPTY,
+    NFT_STATEFUL,
+    NFT_STATELESS,
+    STAT_HEADER_510,
+    Tree,
+    ct_tcp,
+    ct_udp,
+)
 
 QUIET = {"nf_conntrack_tcp_timeout_established": 7200}  # keeps established-timeout-long out of a test
 

@@ -1,6 +1,6 @@
 """The kernel's text formats, including the variants between kernels and tools."""
 
-from doctor_tree import STAT_HEADER_510, STAT_HEADER_66, ct_tcp, tcp_lines
+from doctor_tree import STAT_HEADER_66, STAT_HEADER_510, ct_tcp, tcp_lines
 
 from ctrace.doctor.parse import (
     parse_conntrack_s,
