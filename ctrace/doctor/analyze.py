@@ -770,7 +770,8 @@ class _Analysis:
                 severity=Severity.WARNING if self.pressure() else Severity.INFO,
                 title=(
                     f"no rule needs connection tracking ({scan.rules} rules in {', '.join(scan.sources)})"
-                    + (f", yet the table holds {_n(count)} entries" if count else "")
+                    + (f", yet the table holds {_n(count)} entries" if count
+                       else ", and this namespace tracks nothing (0 entries)" if count == 0 else "")
                 ),
                 detail=(
                     "Since Linux 4.10 conntrack tracks a network namespace only when something asks for it: a "
