@@ -1,0 +1,50 @@
+"""Bundles collected on real kernels (by tests/kernel/doctor in a lab guest, or in
+a network namespace on a real host) analysed here, on the host: the findings must
+be those doctor reported live on that kernel. data/<kernel>/<scenario>.tgz holds
+the bundle, <scenario>.live.json the live `doctor --json` output."""
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+from conftest import run_json
+
+DATA = Path(__file__).resolve().parent / "data"
+CASES = sorted(DATA.glob("*/*.tgz"))
+
+# evidence that does not depend on when it was read (idle ages grow between the reads)
+STABLE = {
+    "orphaned-established": ("orphaned_total",),
+    "table-near-full": ("count", "max", "fill_percent", "recommended_max"),
+    "packets-dropped": ("drop",),
+    "early-drop": ("early_drop",),
+    "insert-failed": ("insert_failed",),
+    "conntrack-unneeded": ("ruleset_sources", "rules_examined", "count"),
+    "established-timeout-long": ("timeout_s", "recommended_s"),
+}
+
+
+def _by_id(doc: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    return {f["id"]: f for f in doc["findings"]}
+
+
+@pytest.mark.parametrize("bundle", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
+def test_bundle_from_a_real_kernel_matches_its_live_run(bundle: Path) -> None:
+    live = json.loads(bundle.with_suffix(".live.json").read_text())
+    rc, doc = run_json(["doctor", "--root", str(bundle)])
+    assert rc == live["exit_code"] == doc["exit_code"]
+    got, want = _by_id(doc), _by_id(live)
+    assert {k: v["severity"] for k, v in got.items()} == {k: v["severity"] for k, v in want.items()}
+    for fid, f in want.items():
+        for key in STABLE.get(fid, ()):
+            assert got[fid]["evidence"][key] == f["evidence"][key], (fid, key)
+    if "orphaned-established" in want:
+        strip = [{k: a[k] for k in ("ip", "conntrack_established", "sockets_established", "orphaned", "peers")}
+                 for a in want["orphaned-established"]["evidence"]["addresses"]]
+        assert [{k: a[k] for k in strip[0]} for a in got["orphaned-established"]["evidence"]["addresses"]] == strip
+    assert doc["source"]["kind"] == "bundle" and doc["source"]["kernel"] == live["source"]["kernel"]
+
+
+def test_there_are_real_kernel_bundles() -> None:
+    assert len(CASES) >= 3
