@@ -59,7 +59,13 @@ _LT_MIN_EXP = -10
 _LT_BINS = (23 - _LT_MIN_EXP) * _LT_SUB + 1
 
 _FLAG_ORPHANED_LIVE = 0x80  # model-private bit in the live table: socket closed while ESTABLISHED
-_ENTRY_KINDS = (K.NEW, K.EXISTING, K.STATE, K.ORPHAN, K.DESTROY)
+_ENTRY_LUT = np.zeros(256, dtype=bool)
+_ENTRY_LUT[[K.NEW, K.EXISTING, K.STATE, K.ORPHAN, K.DESTROY]] = True
+# Records counted per address. STATE records change no counter (live states come
+# from the live table), so they are left out of the per-address pass.
+_KEYED_LUT = _ENTRY_LUT.copy()
+_KEYED_LUT[K.DROP] = True
+_KEYED_LUT[K.STATE] = False
 _LIVE_KIND = 0  # kind value of live-table rows inside a merge
 
 
@@ -261,37 +267,39 @@ class Model:
     def apply(self, ev: np.ndarray) -> None:
         if not len(ev):
             return
-        if len(ev) > 1 and (np.diff(ev["ts_boot_ns"].astype(np.int64)) < 0).any():
-            ev = ev[np.argsort(ev["ts_boot_ns"], kind="stable")]
+        ts = ev["ts_boot_ns"]
+        if len(ev) > 1 and (ts[1:] < ts[:-1]).any():
+            ev = ev[np.argsort(ts, kind="stable")]
+            ts = ev["ts_boot_ns"]
         self.events_total += len(ev)
         kind = ev["kind"]
         self.by_kind += np.bincount(kind, minlength=16)[:16]
-        self.now_boot_ns = max(self.now_boot_ns, int(ev["ts_boot_ns"][-1]))
-        if (kind == K.LOST).any():
-            lost = ev[kind == K.LOST]
-            self.lost += np.bincount(lost["reason"], weights=lost["value"], minlength=8)[:8].astype(np.int64)
-        if (kind == K.COUNTER).any():
-            for cid, val in zip(ev["reason"][kind == K.COUNTER], ev["value"][kind == K.COUNTER]):
-                self.counters[int(cid)] = int(val)
-        entry = np.isin(kind, _ENTRY_KINDS)
-        if entry.any():
-            self._merge_entries(ev[entry])
-        keyed = np.isin(kind, (K.NEW, K.EXISTING, K.STATE, K.ORPHAN, K.DESTROY, K.DROP))
-        if keyed.any():
-            self._count_keys(ev[keyed])
+        self.now_boot_ns = max(self.now_boot_ns, int(ts[-1]))
+        lost = np.flatnonzero(kind == K.LOST)
+        if len(lost):
+            self.lost += np.bincount(ev["reason"][lost], weights=ev["value"][lost], minlength=8)[:8].astype(np.int64)
+        counters = np.flatnonzero(kind == K.COUNTER)
+        for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
+            self.counters[cid] = val
+        entry = np.flatnonzero(_ENTRY_LUT[kind])
+        if len(entry):
+            self._merge_entries(ev, entry)
+        keyed = np.flatnonzero(_KEYED_LUT[kind])
+        if len(keyed):
+            self._count_keys(ev[keyed] if len(keyed) < len(ev) else ev)
 
-    def _merge_entries(self, ev: np.ndarray) -> None:
-        """Fold entry records into the live table: for every entry id, the last record
-        decides whether it lives; a NEW/EXISTING record starts a new life (ids are reused)."""
-        live = self.live.copy()
-        live["kind"] = _LIVE_KIND
-        rows = np.concatenate([live, ev])
+    def _merge_entries(self, ev: np.ndarray, sel: np.ndarray) -> None:
+        """Fold entry records ev[sel] into the live table: for every entry id, the last
+        record decides whether it lives; a NEW/EXISTING record starts a new life (ids
+        are reused). Works on columns and row numbers; whole records are gathered only
+        for the entries that end up live."""
+        live = self.live
         n_live = len(live)
-        kind = rows["kind"]
-        rep, gid = group_rows([rows["ct_id"]])
+        kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), ev["kind"][sel]])
+        rep, gid = group_rows([np.concatenate([live["ct_id"], ev["ct_id"][sel]])])
         m = len(rep)
         first, last = first_last(gid, m)
-        idx = np.arange(len(rows), dtype=np.int64)
+        idx = np.arange(len(kind), dtype=np.int64)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
         seg = np.full(m, -1, dtype=np.int64)
         np.maximum.at(seg, gid[births], idx[births])
@@ -303,27 +311,39 @@ class Model:
         is_destroy = kind == K.DESTROY
         unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live)
         delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
-        running = len(self.live) + np.cumsum(delta[n_live:])
+        running = n_live + np.cumsum(delta[n_live:])
         if len(running):
             self.peak_count = max(self.peak_count, int(running.max()))
 
-        # Final state of every entry id.
-        last_rows = rows[last]
-        alive = last_rows["kind"] != K.DESTROY
-        keep_groups = np.flatnonzero(alive)
-        new_live = last_rows[keep_groups]
-        starts = seg[keep_groups]
+        def gather(field: str, rows: np.ndarray) -> np.ndarray:
+            """A column for combined row numbers (live table first, then ev[sel])."""
+            out = np.empty(len(rows), dtype=live.dtype[field] if n_live else ev.dtype[field])
+            in_live = rows < n_live
+            out[in_live] = live[field][rows[in_live]]
+            out[~in_live] = ev[field][sel[rows[~in_live] - n_live]]
+            return out
+
+        keep = np.flatnonzero(kind[last] != K.DESTROY)
+        last_rows = last[keep]
+        new_live = abi.empty(len(keep))
+        in_live = last_rows < n_live
+        new_live[in_live] = live[last_rows[in_live]]
+        new_live[~in_live] = ev[sel[last_rows[~in_live] - n_live]]
+        starts = seg[keep]
         has_start = starts >= 0
-        start_rows = rows[np.where(has_start, starts, last[keep_groups])]
-        born_in_stream = has_start & (start_rows["kind"] == K.NEW)
-        new_live["start_boot_ns"] = np.where(born_in_stream, start_rows["ts_boot_ns"], start_rows["start_boot_ns"])
-        known = has_start & ((start_rows["flags"] & abi.FLAG_START_KNOWN) != 0) | born_in_stream
-        flags = new_live["flags"] & ~np.uint8(_FLAG_ORPHANED_LIVE | abi.FLAG_START_KNOWN)
-        flags |= np.where(known, np.uint8(abi.FLAG_START_KNOWN), np.uint8(0)).astype(np.uint8)
-        was_orphan = ((start_rows["flags"] & _FLAG_ORPHANED_LIVE) != 0) | ((new_live["flags"] & abi.FLAG_ORPHANED) != 0)
-        orphaned = (was_orphan | (last_orphan[keep_groups] > starts)) & (new_live["ct_state"] == abi.TcpState.ESTABLISHED)
+        start_rows = np.where(has_start, starts, last_rows)
+        start_kind = kind[start_rows]
+        start_flags = gather("flags", start_rows)
+        born_in_stream = has_start & (start_kind == K.NEW)
+        new_live["start_boot_ns"] = np.where(born_in_stream, gather("ts_boot_ns", start_rows), gather("start_boot_ns", start_rows))
+        known = (has_start & ((start_flags & abi.FLAG_START_KNOWN) != 0)) | born_in_stream
+        flags = new_live["flags"]
+        was_orphan = ((start_flags & _FLAG_ORPHANED_LIVE) != 0) | ((flags & abi.FLAG_ORPHANED) != 0)
+        orphaned = (was_orphan | (last_orphan[keep] > starts)) & (new_live["ct_state"] == abi.TcpState.ESTABLISHED)
         orphaned &= new_live["l4proto"] == abi.IPPROTO_TCP
-        flags |= np.where(orphaned, np.uint8(_FLAG_ORPHANED_LIVE), np.uint8(0)).astype(np.uint8)
+        flags &= np.uint8(~(_FLAG_ORPHANED_LIVE | abi.FLAG_START_KNOWN) & 0xFF)
+        flags |= known.astype(np.uint8) * np.uint8(abi.FLAG_START_KNOWN)
+        flags |= orphaned.astype(np.uint8) * np.uint8(_FLAG_ORPHANED_LIVE)
         new_live["flags"] = flags
         new_live["kind"] = K.EXISTING
         self.live = new_live
@@ -332,55 +352,65 @@ class Model:
         """Per-address, per-prefix and per-netns counters, plus global tallies."""
         kind = ev["kind"]
         n = len(ev)
-        cols = np.zeros((n, len(COLUMNS)), dtype=np.int64) if n else None
-        new = kind == K.NEW
-        cols[:, _C["created"]] = new
-        destroy = kind == K.DESTROY
-        reasons = np.full(n, -1, dtype=np.int64)
-        if destroy.any():
-            d = ev[destroy]
+        # (row, column) pairs of every count an event contributes to.
+        rows: List[np.ndarray] = []
+        cols: List[np.ndarray] = []
+
+        def add(r: np.ndarray, c: Any) -> None:
+            rows.append(r)
+            cols.append(np.broadcast_to(np.asarray(c, dtype=np.int64), r.shape))
+
+        new = np.flatnonzero(kind == K.NEW)
+        add(new, _C["created"])
+        destroy = np.flatnonzero(kind == K.DESTROY)
+        expired = np.empty(0, dtype=np.int64)
+        if len(destroy):
+            d = ev[destroy] if len(destroy) < len(ev) else ev
             r = removal_reasons(d)
-            reasons[destroy] = r
-            cols[destroy, _C["destroyed"]] = 1
-            cols[np.flatnonzero(destroy), _C["rm:" + REMOVAL_REASONS[0]] + r] = 1
+            add(destroy, _C["destroyed"])
+            add(destroy, _C["rm:" + REMOVAL_REASONS[0]] + r)
             self.removals += np.bincount(r, minlength=len(REMOVAL_REASONS))
             known = (d["flags"] & abi.FLAG_START_KNOWN) != 0
             if known.any():
                 life = (d["ts_boot_ns"][known].astype(np.int64) - d["start_boot_ns"][known].astype(np.int64)) / NS
                 life = np.maximum(life, 0.0)
                 rk = r[known]
-                np.add.at(self.lifetime_hist, (rk, _lifetime_bins(life)), 1)
+                self.lifetime_hist += np.bincount(rk * _LT_BINS + _lifetime_bins(life), minlength=self.lifetime_hist.size).reshape(self.lifetime_hist.shape)
                 np.maximum.at(self.lifetime_max, rk, life)
-        drop = kind == K.DROP
-        if drop.any():
+            expired = destroy[(r == _R["timeout-established"]) & ((d["flags"] & abi.FLAG_ORPHANED) == 0)]
+        drop = np.flatnonzero(kind == K.DROP)
+        if len(drop):
             dr = np.clip(ev["reason"][drop].astype(np.int64) - 1, 0, len(DROP_REASONS) - 1)
-            cols[drop, _C["drops"]] = 1
-            cols[np.flatnonzero(drop), _C["drop:" + DROP_REASONS[0]] + dr] = 1
+            add(drop, _C["drops"])
+            add(drop, _C["drop:" + DROP_REASONS[0]] + dr)
             self.drops += np.bincount(dr, minlength=len(DROP_REASONS))
-        closed = kind == K.ORPHAN
-        expired = (reasons == _R["timeout-established"]) & ((ev["flags"] & abi.FLAG_ORPHANED) == 0)
-        cols[:, _C["orphans:socket-closed"]] = closed
-        cols[:, _C["orphans:expired-established"]] = expired
-        self.orphans_by_kind += [int(closed.sum()), int(expired.sum())]
-        if closed.any() or expired.any():
-            self._remember_orphans(ev, closed | expired, closed)
-        self.inserts += int(new.sum())
-        self.removals_total += int(destroy.sum())
-        self._count_seconds(ev["ts_boot_ns"][new], ev["ts_boot_ns"][destroy])
+        closed = np.flatnonzero(kind == K.ORPHAN)
+        add(closed, _C["orphans:socket-closed"])
+        add(expired, _C["orphans:expired-established"])
+        self.orphans_by_kind += [len(closed), len(expired)]
+        if len(closed) or len(expired):
+            self._remember_orphans(ev, closed, expired)
+        self.inserts += len(new)
+        self.removals_total += len(destroy)
+        ts = ev["ts_boot_ns"]
+        self._count_seconds(ts[new], ts[destroy])
 
         ks = self.opt.keys
         words = ks.words(ev)
         rep, gid = group_rows(words)
-        per_key = np.zeros((len(rep), len(COLUMNS)), dtype=np.int64)
-        np.add.at(per_key, gid, cols)
-        self._fold(self.ips, [w[rep] for w in words], per_key, ev, gid, drop)
-        self._fold_rollup(self.prefixes, ks.prefix_words([w[rep] for w in words]), per_key)
-        self._fold_rollup(self.netns, ks.netns_words([w[rep] for w in words]), per_key)
+        m = len(rep)
+        nc = len(COLUMNS)
+        flat = np.concatenate([gid[r] * nc + c for r, c in zip(rows, cols)]) if rows else np.empty(0, np.int64)
+        per_key = np.bincount(flat, minlength=m * nc).reshape(m, nc)
+        rep_words = [w[rep] for w in words]
+        self._fold(self.ips, rep_words, per_key, ev, gid, drop)
+        self._fold_rollup(self.prefixes, ks.prefix_words(rep_words), per_key)
+        self._fold_rollup(self.netns, ks.netns_words(rep_words), per_key)
 
     def _fold(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray, ev: np.ndarray, gid: np.ndarray, drop: np.ndarray) -> None:
         sample_of: Dict[int, int] = {}
-        if drop.any():
-            drop_idx = np.flatnonzero(drop)
+        if len(drop):
+            drop_idx = drop
             _, last = first_last(gid[drop_idx], len(per_key))
             sample_of = {g: int(drop_idx[i]) for g, i in enumerate(last) if i >= 0}
         k0, k1, k2 = (w.tolist() for w in kw)
@@ -399,7 +429,7 @@ class Model:
     def _fold_rollup(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray) -> None:
         rep, gid = group_rows(kw)
         sums = np.zeros((len(rep), len(COLUMNS)), dtype=np.int64)
-        np.add.at(sums, gid, per_key)
+        np.add.at(sums, gid, per_key)  # one row per address: small
         k0, k1, k2 = (w[rep].tolist() for w in kw)
         for g in range(len(rep)):
             key = (k0[g], k1[g], k2[g])
@@ -422,15 +452,19 @@ class Model:
         for s in [s for s in self._per_sec if s < horizon]:
             del self._per_sec[s]
 
-    def _remember_orphans(self, ev: np.ndarray, mask: np.ndarray, closed: np.ndarray) -> None:
-        idx = np.flatnonzero(mask)[-self.opt.orphan_list_max :]
-        for i in idx:
+    def _remember_orphans(self, ev: np.ndarray, closed: np.ndarray, expired: np.ndarray) -> None:
+        both = np.concatenate([closed, expired])
+        order = np.argsort(both, kind="stable")
+        is_closed = np.concatenate([np.ones(len(closed), bool), np.zeros(len(expired), bool)])[order]
+        both = both[order]
+        keep = self.opt.orphan_list_max
+        for i, c in zip(both[-keep:].tolist(), is_closed[-keep:].tolist()):
             r = ev[i]
             d = _tuple_dict(r)
             start = int(r["start_boot_ns"])
             known = bool(r["flags"] & abi.FLAG_START_KNOWN)
             d.update(
-                kind=ORPHAN_KINDS[0] if closed[i] else ORPHAN_KINDS[1],
+                kind=ORPHAN_KINDS[0] if c else ORPHAN_KINDS[1],
                 state=STATE_NAMES[min(int(r["ct_state"]), len(TCP_STATE_NAMES) - 1)],
                 age_s=round((int(r["ts_boot_ns"]) - start) / NS, 3) if known else None,
                 at_s=round((int(r["ts_boot_ns"]) - self.start_boot_ns) / NS, 3),

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Benchmark: `ctrace report`'s vectorised pipeline against a straightforward per-event
+Python loop over the same recording, measured side by side (A, B, A, B, ...) in one run.
+
+    python3 bench/report_throughput.py [--events 10000000] [--pairs 3] [--file F]
+
+The recording is a synthetic NAT-churn scenario tiled in time until it holds --events
+records (kept in a temporary directory unless --file names one to reuse).
+"""
+
+import argparse
+import os
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from collections import defaultdict
+from statistics import median
+from typing import Any, Dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from ctrace import abi, recording  # noqa: E402
+from ctrace.model import ModelOptions, _R, REMOVAL_REASONS  # noqa: E402
+from ctrace.pipeline import fold_recording  # noqa: E402
+from ctrace.sources import synthetic  # noqa: E402
+from ctrace.views import report  # noqa: E402
+
+
+def build(path: str, events: int) -> int:
+    info, existing, base = synthetic.generate("nat-churn", seed=1, events=250_000)
+    span = int(info.extra["end_boot_ns"]) - info.start_boot_ns
+    w = recording.RecordingWriter.create(path, info)
+    w.write_existing(existing)
+    total, k = 0, 0
+    while total < events:
+        tile = base.copy()
+        tile["ts_boot_ns"] += np.uint64(k * span)
+        tile["ct_id"] += np.uint64(k << 40)
+        w.write_events(tile)
+        total += len(tile)
+        k += 1
+    w.close(end_boot_ns=info.start_boot_ns + k * span)
+    return total + len(existing)
+
+
+def vectorised(path: str) -> Dict[str, Any]:
+    rec = recording.read(path)
+    model, src = fold_recording(rec, ModelOptions())
+    return report.to_json(model.snapshot(src.end_boot_ns()))
+
+
+def per_event_loop(path: str) -> Dict[str, Any]:
+    """What one would write first: walk the chunks, unpack each record, update dicts."""
+    data = open(path, "rb").read()
+    _, _, _, hlen = recording.PREAMBLE.unpack_from(data, 0)
+    pos = recording.PREAMBLE.size + hlen + 4
+    rec = struct.Struct("<QQQQII")  # ts, ct_id, start, value, netns, status
+    live: Dict[int, tuple] = {}
+    created: Dict[tuple, int] = defaultdict(int)
+    destroyed: Dict[tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    orphans: Dict[tuple, int] = defaultdict(int)
+    T = abi.TcpState
+    total = 0
+    while pos < len(data):
+        ctype, plen, pcrc, _ = recording.CHUNK_HEAD.unpack_from(data, pos)
+        start = pos + recording.CHUNK_HEAD.size
+        payload = data[start : start + plen]
+        pos = start + plen
+        if zlib.crc32(payload) != pcrc or ctype not in (recording.T_EVENTS, recording.T_EXISTING):
+            continue
+        for off in range(0, plen, abi.EVENT_SIZE):
+            total += 1
+            ts, ct_id, _, _, netns, status = rec.unpack_from(payload, off)
+            kind, family, proto, state = payload[off + 122], payload[off + 123], payload[off + 124], payload[off + 125]
+            src = payload[off + 48 : off + (52 if family == abi.AF_INET else 64)]
+            key = (netns, src)
+            if kind in (abi.Kind.NEW, abi.Kind.EXISTING, abi.Kind.STATE):
+                live[ct_id] = (key, proto, state, status)
+                if kind == abi.Kind.NEW:
+                    created[key] += 1
+            elif kind == abi.Kind.ORPHAN:
+                orphans[key] += 1
+            elif kind == abi.Kind.DESTROY:
+                live.pop(ct_id, None)
+                mech = payload[off + 127]
+                if mech == abi.DestroyReason.TIMEOUT and proto == abi.IPPROTO_TCP:
+                    reason = {T.TIME_WAIT: "fin", T.CLOSE: "rst", T.ESTABLISHED: "timeout-established"}.get(state, "timeout-closing")
+                elif mech == abi.DestroyReason.TIMEOUT:
+                    reason = "timeout"
+                else:
+                    reason = REMOVAL_REASONS[_R.get({2: "early-drop", 3: "delete", 4: "netns"}.get(mech, "unknown"), 10)]
+                destroyed[key][reason] += 1
+    per_ip: Dict[tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for key, proto, state, status in live.values():
+        per_ip[key]["live"] += 1
+    return {"events": total, "live": len(live), "keys": len(per_ip), "created": sum(created.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=10_000_000)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--file", default=None, help="reuse (or create) this recording")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="ctrace-bench-")
+    path = args.file or os.path.join(tmp, "bench.ctr")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        n = build(path, args.events)
+        print(f"built {path}: {n} records, {os.path.getsize(path) / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s")
+    n = len(recording.read(path).events) + len(recording.read(path).existing)
+    a_rates, b_rates, ratios = [], [], []
+    for i in range(args.pairs):
+        t = time.perf_counter()
+        out_a = vectorised(path)
+        ta = time.perf_counter() - t
+        t = time.perf_counter()
+        out_b = per_event_loop(path)
+        tb = time.perf_counter() - t
+        assert out_a["events"]["total"] == out_b["events"] == n
+        assert out_a["table"]["end_count"] == out_b["live"], (out_a["table"]["end_count"], out_b["live"])
+        a_rates.append(n / ta)
+        b_rates.append(n / tb)
+        ratios.append(tb / ta)
+        print(f"pair {i + 1}: vectorised {ta:6.2f} s ({n / ta / 1e6:5.2f} M events/s)   per-event loop {tb:6.2f} s ({n / tb / 1e6:5.2f} M events/s)   ratio {tb / ta:5.1f}x")
+    print(f"median over {args.pairs} pairs, {n} events: vectorised {median(a_rates) / 1e6:.2f} M events/s, "
+          f"per-event loop {median(b_rates) / 1e6:.2f} M events/s, ratio {median(ratios):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
