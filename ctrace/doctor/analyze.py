@@ -17,6 +17,7 @@ from ctrace.doctor.model import (
     Report,
     Severity,
 )
+from ctrace.doctor.parse import prefix_of
 from ctrace.doctor.snapshot import DEFAULT_TIMEOUTS, Snapshot, TableSummary
 
 __all__ = ["SCHEMA", "Thresholds", "analyze"]
@@ -327,7 +328,7 @@ class _Analysis:
         keepalive = s.keepalive or 7200
         floor = _round_up(keepalive * 1.5, 3600)
         t = s.table
-        sample = t.est_idle_keep if t is not None else []
+        sample: Sequence[int] = t.est_idle_keep if t is not None else []
         idle_stats: Dict[str, Any] = {}
         derived = 0
         if t is not None:
@@ -518,8 +519,8 @@ class _Analysis:
             )
         self.tables["sources"] = [{"ip": ip, "entries": n} for ip, n in t.src_ips.most_common(self.top)]
         self.tables["prefixes"] = [
-            {"prefix": p, "entries": n, "addresses": len(t.prefix_addrs.get(p, ()))}
-            for p, n in t.prefixes.most_common(self.top)
+            {"prefix": p, "entries": n, "addresses": len(addrs)}
+            for (p, n), addrs in zip(t.prefixes.most_common(self.top), self._prefix_addrs(t.prefixes.most_common(self.top)))
         ]
         self.tables["services"] = [
             {"proto": proto, "port": port, "entries": n} for (proto, port), n in t.services.most_common(self.top)
@@ -530,6 +531,16 @@ class _Analysis:
         self._prefix(t)
         self._udp(t)
 
+    def _prefix_addrs(self, top: List[Any]) -> List[Counter]:
+        """Addresses of each of the `top` prefixes, in one pass over the sources."""
+        wanted = {p: Counter() for p, _ in top}  # type: Dict[str, Counter]
+        if self.s.table is not None:
+            for ip, n in self.s.table.src_ips.items():
+                c = wanted.get(prefix_of(ip)[0])
+                if c is not None:
+                    c[ip] = n
+        return [wanted[p] for p, _ in top]
+
     def _prefix(self, t: TableSummary) -> None:
         th, s = self.th, self.s
         hits = [(p, n) for p, n in t.prefixes.most_common(3)
@@ -537,7 +548,7 @@ class _Analysis:
         if not hits:
             return
         pfx, n = hits[0]
-        addrs = t.prefix_addrs.get(pfx, Counter())
+        addrs = self.s.prefix_addresses(pfx)
         top_addr, top_n = addrs.most_common(1)[0]
         sev = Severity.WARNING if s.max and n >= th.prefix_warning_of_max * s.max else Severity.INFO
         evidence: Dict[str, Any] = {
@@ -648,13 +659,7 @@ class _Analysis:
         if not self.check("orphans", not reason, reason):
             return
         assert t is not None and s.sockets is not None
-        sock_states: Dict[str, Counter] = {}
-        sock_peers: Counter = Counter()
-        for k in s.sockets.sockets:
-            if k.state == "LISTEN":
-                continue
-            sock_states.setdefault(k.local, Counter())[k.state] += 1
-            sock_peers[k.remote] += 1
+        sock_states, sock_peers = s.sockets.states, s.sockets.peers
         rows = []
         for ip, row in sorted(t.local_ips.items(), key=lambda kv: -sum(kv[1].ct_states.values()))[: self.top]:
             rows.append({

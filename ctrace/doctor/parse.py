@@ -12,8 +12,10 @@ Formats (checked against net/netfilter/nf_conntrack_standalone.c and net/ipv4/tc
 """
 
 import ipaddress
+import socket
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 # --- sysctls -------------------------------------------------------------------
 
@@ -99,16 +101,14 @@ def parse_conntrack_s(text: str, source: str) -> Optional[Stats]:
 # --- the conntrack table -------------------------------------------------------
 
 
-@dataclass
-class Tuple4:
+class Tuple4(NamedTuple):
     src: str
     dst: str
     sport: Optional[int]
     dport: Optional[int]
 
 
-@dataclass
-class CtEntry:
+class CtEntry(NamedTuple):
     l3: str  # "ipv4" | "ipv6"
     proto: str  # "tcp", "udp", "icmp", ...
     timeout: Optional[int]  # seconds until expiry (None: offloaded)
@@ -127,7 +127,10 @@ _addr_cache: Dict[str, str] = {}
 
 def norm_addr(text: str) -> str:
     """Canonical text of an address: conntrack prints IPv6 in full (%pI6), sockets
-    and conntrack-tools compressed; IPv4-mapped IPv6 becomes IPv4."""
+    and conntrack-tools compressed; IPv4-mapped IPv6 becomes IPv4. IPv4 text from
+    the kernel is already canonical."""
+    if ":" not in text:
+        return text
     got = _addr_cache.get(text)
     if got is not None:
         return got
@@ -144,82 +147,76 @@ def norm_addr(text: str) -> str:
 
 
 _PORTLESS = {"icmp", "icmpv6", "gre", "unknown"}
+_L3 = {"ipv4", "ipv6", "unknown"}
+_TUPLE_KEYS = {"src", "dst", "sport", "dport"}
+
+
+def _port(d: Dict[str, str], key: str) -> Optional[int]:
+    v = d.get(key)
+    return None if v is None else int(v)
 
 
 def parse_ct_line(line: str) -> Optional[CtEntry]:
     """One line of /proc/net/nf_conntrack or `conntrack -L [-o extended]`; None if damaged."""
     tok = line.split()
-    if len(tok) < 4:
+    n = len(tok)
+    if n < 4:
         return None
     try:
-        i = 0
-        l3 = ""
-        if tok[0] in ("ipv4", "ipv6", "unknown"):
-            l3 = tok[0]
-            i = 2
+        i = 2 if tok[0] in _L3 else 0
+        l3 = tok[0] if i else ""
         proto = tok[i]
         int(tok[i + 1])  # protocol number: must be numeric
         i += 2
         timeout: Optional[int] = None
-        if i < len(tok) and tok[i].lstrip("-").isdigit():
-            timeout = max(0, int(tok[i]))
+        t = tok[i] if i < n else ""
+        if t.isdigit():
+            timeout = int(t)
             i += 1
+            t = tok[i] if i < n else ""
         state: Optional[str] = None
-        if i < len(tok) and "=" not in tok[i] and not tok[i].startswith("["):
-            state = tok[i]
+        if t and "=" not in t and t[0] != "[":
+            state = t
             i += 1
-        tuples: List[Dict[str, str]] = [{}, {}]
-        side = 0
-        flags = set()
-        extra: Dict[str, str] = {}
+        o: Dict[str, str] = {}
+        r: Dict[str, str] = {}
+        cur = o
+        unreplied = assured = offload = False
+        zone: Optional[int] = None
+        delta: Optional[int] = None
         for t in tok[i:]:
-            if t.startswith("["):
-                flags.add(t.strip("[]"))
+            if t[0] == "[":
+                if t == "[ASSURED]":
+                    assured = True
+                elif t == "[UNREPLIED]":
+                    unreplied = True
+                elif t in ("[OFFLOAD]", "[HW_OFFLOAD]"):
+                    offload = True
                 continue
-            key, sep, value = t.partition("=")
+            k, sep, v = t.partition("=")
             if not sep:
                 continue
-            if key == "src" and "src" in tuples[0]:
-                side = 1
-            if key in ("src", "dst", "sport", "dport"):
-                tuples[side].setdefault(key, value)
-            else:
-                extra.setdefault(key, value)
-        o, r = tuples
+            if k in _TUPLE_KEYS:
+                if k == "src" and cur is o and "src" in o:
+                    cur = r
+                if k not in cur:
+                    cur[k] = v
+            elif k == "zone" and v.isdigit():
+                zone = int(v)
+            elif k == "delta-time" and v.isdigit():
+                delta = int(v)
         if "src" not in o or "dst" not in o or "src" not in r or "dst" not in r:
             return None
         portless = proto in _PORTLESS
-        orig = Tuple4(
-            norm_addr(o["src"]),
-            norm_addr(o["dst"]),
-            None if portless or "sport" not in o else int(o["sport"]),
-            None if portless or "dport" not in o else int(o["dport"]),
-        )
-        reply = Tuple4(
-            norm_addr(r["src"]),
-            norm_addr(r["dst"]),
-            None if portless or "sport" not in r else int(r["sport"]),
-            None if portless or "dport" not in r else int(r["dport"]),
-        )
+        orig = Tuple4(norm_addr(o["src"]), norm_addr(o["dst"]),
+                      None if portless else _port(o, "sport"), None if portless else _port(o, "dport"))
+        reply = Tuple4(norm_addr(r["src"]), norm_addr(r["dst"]),
+                       None if portless else _port(r, "sport"), None if portless else _port(r, "dport"))
         if not l3:
             l3 = "ipv6" if ":" in orig.src else "ipv4"
-        zone = int(extra["zone"]) if extra.get("zone", "").isdigit() else None
-        delta = int(extra["delta-time"]) if extra.get("delta-time", "").isdigit() else None
     except (ValueError, IndexError):
         return None
-    return CtEntry(
-        l3=l3,
-        proto=proto,
-        timeout=timeout,
-        state=state,
-        orig=orig,
-        reply=reply,
-        unreplied="UNREPLIED" in flags,
-        assured="ASSURED" in flags,
-        offload="OFFLOAD" in flags or "HW_OFFLOAD" in flags,
-        zone=zone,
-        delta_time=delta,
-    )
+    return CtEntry(l3, proto, timeout, state, orig, reply, unreplied, assured, offload, zone, delta)
 
 
 # --- sockets -------------------------------------------------------------------
@@ -240,8 +237,7 @@ TCP_STATES = {
 }
 
 
-@dataclass(frozen=True)
-class Socket:
+class Socket(NamedTuple):
     local: str
     lport: int
     remote: str
@@ -249,25 +245,48 @@ class Socket:
     state: str
 
 
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
 def _hex_addr(text: str, byteorder: str) -> str:
     if len(text) == 8:
-        return str(ipaddress.IPv4Address(int(text, 16).to_bytes(4, byteorder)))  # type: ignore[arg-type]
+        return socket.inet_ntoa(int(text, 16).to_bytes(4, byteorder))  # type: ignore[arg-type]
     if len(text) == 32:
         raw = b"".join(int(text[k : k + 8], 16).to_bytes(4, byteorder) for k in range(0, 32, 8))  # type: ignore[arg-type]
-        ip6 = ipaddress.IPv6Address(raw)
-        return str(ip6.ipv4_mapped) if ip6.ipv4_mapped is not None else str(ip6)
+        if raw[:12] == _V4_MAPPED:
+            return socket.inet_ntoa(raw[12:])
+        return socket.inet_ntop(socket.AF_INET6, raw)
     raise ValueError(f"bad address {text!r}")
 
 
 @dataclass
 class SocketTable:
-    sockets: List[Socket] = field(default_factory=list)
+    """Local TCP sockets, folded as they are read (the lists can be large): the
+    4-tuples of every non-listening socket, states per local address, and peers."""
+
+    keys: Set[Tuple[str, int, str, int]] = field(default_factory=set)  # (local, lport, remote, rport)
+    states: Dict[str, Counter] = field(default_factory=dict)  # local address -> state -> sockets
+    peers: Counter = field(default_factory=Counter)  # remote address -> sockets
+    addresses: Set[str] = field(default_factory=set)  # local addresses bound by some socket
+    count: int = 0
     bad_lines: int = 0
 
+    def add(self, k: Socket) -> None:
+        self.count += 1
+        if k.local not in ("0.0.0.0", "::"):
+            self.addresses.add(k.local)
+        if k.state == "LISTEN":
+            return
+        self.keys.add((k.local, k.lport, k.remote, k.rport))
+        st = self.states.get(k.local)
+        if st is None:
+            st = self.states[k.local] = Counter()
+        st[k.state] += 1
+        self.peers[k.remote] += 1
 
-def parse_proc_tcp(lines: Iterable[str], byteorder: str, into: Optional[SocketTable] = None) -> SocketTable:
-    """/proc/net/tcp or tcp6 (header line skipped)."""
-    table = into or SocketTable()
+
+def iter_proc_tcp(lines: Iterable[str], byteorder: str, table: Optional[SocketTable] = None) -> Iterator[Socket]:
+    """Sockets of /proc/net/tcp or tcp6 (header skipped; damaged lines counted in `table`)."""
     for n, line in enumerate(lines):
         cells = line.split()
         if not cells or (n == 0 and cells[0] == "sl"):
@@ -276,11 +295,18 @@ def parse_proc_tcp(lines: Iterable[str], byteorder: str, into: Optional[SocketTa
             laddr, lport = cells[1].split(":")
             raddr, rport = cells[2].split(":")
             state = TCP_STATES.get(int(cells[3], 16), f"0x{cells[3]}")
-            table.sockets.append(
-                Socket(_hex_addr(laddr, byteorder), int(lport, 16), _hex_addr(raddr, byteorder), int(rport, 16), state)
-            )
+            sock = Socket(_hex_addr(laddr, byteorder), int(lport, 16), _hex_addr(raddr, byteorder), int(rport, 16), state)
         except (ValueError, IndexError):
-            table.bad_lines += 1
+            if table is not None:
+                table.bad_lines += 1
+            continue
+        yield sock
+
+
+def parse_proc_tcp(lines: Iterable[str], byteorder: str, into: Optional[SocketTable] = None) -> SocketTable:
+    table = into or SocketTable()
+    for sock in iter_proc_tcp(lines, byteorder, table):
+        table.add(sock)
     return table
 
 

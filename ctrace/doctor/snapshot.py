@@ -2,6 +2,7 @@
 conntrack table into counters as it streams, without keeping the entries."""
 
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
@@ -12,7 +13,6 @@ from ctrace.doctor.parse import (
     CtEntry,
     SocketTable,
     Stats,
-    norm_addr,
     parse_conntrack_s,
     parse_ct_line,
     parse_fib_trie,
@@ -72,6 +72,10 @@ _LOOPBACK = ("127.", "::1")
 _OLD = 1 << 62  # "idle for longer than any race": entries older than the current timeout
 
 
+def _ints() -> "array[int]":
+    return array("q")  # 8 bytes per value instead of a list of int objects
+
+
 @dataclass
 class LocalIP:
     """conntrack versus sockets for one local address (TCP only)."""
@@ -95,23 +99,22 @@ class TableSummary:
     local_entries: int = 0
     forwarded_entries: int = 0
     est_entries: int = 0  # TCP ESTABLISHED
-    est_idle_all: List[int] = field(default_factory=list)  # idle estimate, unambiguous entries
-    est_idle_keep: List[int] = field(default_factory=list)  # same, without orphans
+    est_idle_all: "array[int]" = field(default_factory=_ints)  # idle estimate, unambiguous entries
+    est_idle_keep: "array[int]" = field(default_factory=_ints)  # same, without orphans
     est_ambiguous: int = 0  # remaining <= unacknowledged/max_retrans timeout: idle unknown
     above_timeout: int = 0  # remaining > configured timeout (timeout lowered since)
     local_ips: Dict[str, LocalIP] = field(default_factory=dict)
     orphans_checked: bool = False
     src_ips: Counter = field(default_factory=Counter)  # orig source, local addresses excluded
     prefixes: Counter = field(default_factory=Counter)
-    prefix_addrs: Dict[str, Counter] = field(default_factory=dict)
     udp_entries: int = 0
     udp_unreplied: int = 0
     udp_unreplied_fresh: int = 0
-    udp_unreplied_idle: List[int] = field(default_factory=list)
+    udp_unreplied_idle: "array[int]" = field(default_factory=_ints)
     udp_unreplied_dest: Counter = field(default_factory=Counter)  # "dst:dport" -> entries
     udp_unreplied_dnat: Counter = field(default_factory=Counter)  # "dst:dport -> backend:port"
     services: Counter = field(default_factory=Counter)  # ("tcp", port) -> entries
-    ages: List[int] = field(default_factory=list)  # delta-time, when timestamps are on
+    ages: "array[int]" = field(default_factory=_ints)  # delta-time, when timestamps are on
 
 
 @dataclass
@@ -135,6 +138,15 @@ class Snapshot:
     notes: List[str]
     race_window: float
     race_window_known: bool
+
+    def prefix_addresses(self, prefix: str) -> Counter:
+        """Source addresses inside `prefix` (from the per-address counts)."""
+        out: Counter = Counter()
+        if self.table is not None:
+            for ip, n in self.table.src_ips.items():
+                if prefix_of(ip)[0] == prefix:
+                    out[ip] = n
+        return out
 
     def timeout(self, name: str) -> int:
         return self.sysctls.get(name, DEFAULT_TIMEOUTS.get(name, 0))
@@ -163,7 +175,7 @@ class _Fold:
         self.race_window = race_window
         self.socket_keys: Optional[Set[Tuple[str, int, str, int]]] = None
         if sockets is not None:
-            self.socket_keys = {(k.local, k.lport, k.remote, k.rport) for k in sockets.sockets if k.state != "LISTEN"}
+            self.socket_keys = sockets.keys
             summary.orphans_checked = True
         self.clock_start: Optional[float] = None  # live: widen the window as the read goes on
         self.ambiguous_at = max(self.t("nf_conntrack_tcp_timeout_unacknowledged"), self.t("nf_conntrack_tcp_timeout_max_retrans"))
@@ -191,7 +203,6 @@ class _Fold:
             s.src_ips[e.orig.src] += 1
             pfx, _ = prefix_of(e.orig.src)
             s.prefixes[pfx] += 1
-            s.prefix_addrs.setdefault(pfx, Counter())[e.orig.src] += 1
         port = e.reply.sport if server else e.orig.dport
         if port is not None:
             s.services[(e.proto, port)] += 1
@@ -359,7 +370,7 @@ def load(inp: Inputs) -> Snapshot:
         if sockets.bad_lines:
             notes.append(f"/proc/net/tcp*: {sockets.bad_lines} damaged lines ignored")
         if not sources:
-            local |= {norm_addr(k.local) for k in sockets.sockets if k.local not in ("0.0.0.0", "::")}
+            local |= sockets.addresses
             sources.append("socket addresses only")
             notes.append(
                 "local addresses taken from sockets only (no fib_trie/if_inet6): "

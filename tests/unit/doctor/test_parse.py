@@ -3,6 +3,7 @@
 from doctor_tree import STAT_HEADER_66, STAT_HEADER_510, ct_tcp, tcp_lines
 
 from ctrace.doctor.parse import (
+    iter_proc_tcp,
     parse_conntrack_s,
     parse_ct_line,
     parse_fib_trie,
@@ -101,20 +102,23 @@ def test_conntrack_dash_s() -> None:
 def test_proc_tcp_decodes_host_byte_order_and_v4_mapped() -> None:
     text = tcp_lines([("127.0.0.1", 8080, "10.1.2.3", 50000, "ESTABLISHED")], v6=False)
     assert "0100007F:1F90" in text  # what a little-endian kernel prints for 127.0.0.1:8080
-    t = parse_proc_tcp(text.splitlines(), "little")
-    assert [(s.local, s.lport, s.remote, s.rport, s.state) for s in t.sockets] == [
+    t = list(iter_proc_tcp(text.splitlines(), "little"))
+    assert [(s.local, s.lport, s.remote, s.rport, s.state) for s in t] == [
         ("127.0.0.1", 8080, "10.1.2.3", 50000, "ESTABLISHED")
     ]
-    big = parse_proc_tcp(tcp_lines([("10.0.0.1", 1, "10.0.0.2", 2, "TIME_WAIT")], False, "big").splitlines(), "big")
-    assert big.sockets[0].local == "10.0.0.1" and big.sockets[0].state == "TIME_WAIT"
-    six = parse_proc_tcp(
+    big = list(iter_proc_tcp(tcp_lines([("10.0.0.1", 1, "10.0.0.2", 2, "TIME_WAIT")], False, "big").splitlines(), "big"))
+    assert big[0].local == "10.0.0.1" and big[0].state == "TIME_WAIT"
+    six = list(iter_proc_tcp(
         tcp_lines([("::ffff:10.0.0.1", 80, "::ffff:10.0.0.9", 999, "ESTABLISHED"),
                    ("2001:db8::1", 443, "2001:db8::9", 1000, "CLOSE_WAIT")], True).splitlines(),
         "little",
-    )
-    assert [(s.local, s.remote) for s in six.sockets] == [("10.0.0.1", "10.0.0.9"), ("2001:db8::1", "2001:db8::9")]
+    ))
+    assert [(s.local, s.remote) for s in six] == [("10.0.0.1", "10.0.0.9"), ("2001:db8::1", "2001:db8::9")]
     damaged = parse_proc_tcp(["  sl local", "   0: XYZ:1 00000000:0000 0A", ""], "little")
-    assert damaged.bad_lines == 1 and damaged.sockets == []
+    assert damaged.bad_lines == 1 and damaged.count == 0
+    table = parse_proc_tcp(text.splitlines(), "little")
+    assert table.keys == {("127.0.0.1", 8080, "10.1.2.3", 50000)} and table.peers == {"10.1.2.3": 1}
+    assert table.states == {"127.0.0.1": {"ESTABLISHED": 1}}
 
 
 def test_local_addresses_slab_and_prefix() -> None:
