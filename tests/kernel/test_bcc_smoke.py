@@ -95,13 +95,15 @@ def bpf_text(syms: Dict[str, Tuple[str, Optional[str]]]) -> Tuple[str, Dict[str,
         i = c_ident(fn)
         body.append(f"int kp_{i}(struct pt_regs *ctx) {{ bump({slot(fn + '/kprobe')}); return 0; }}")
         body.append(f"int krp_{i}(struct pt_regs *ctx) {{ bump({slot(fn + '/kretprobe')}); return 0; }}")
-        body.append(f"KFUNC_PROBE({fn}) {{ bump({slot(fn + '/fentry')}); return 0; }}")
-        body.append(f"KRETFUNC_PROBE({fn}) {{ bump({slot(fn + '/fexit')}); return 0; }}")
+        # one declared argument: bcc 0.18's macros cannot take none, and
+        # every probed function has at least one
+        body.append(f"KFUNC_PROBE({fn}, void *a0) {{ bump({slot(fn + '/fentry')}); return 0; }}")
+        body.append(f"KRETFUNC_PROBE({fn}, void *a0) {{ bump({slot(fn + '/fexit')}); return 0; }}")
         mod = syms.get(fn, (None, None))[1]
         if mod:
             body.append("#ifdef MODULE_KFUNC_PROBE")
-            body.append(f"MODULE_KFUNC_PROBE({mod}, {fn}) {{ bump({slot(fn + '/fentry_mod')}); return 0; }}")
-            body.append(f"MODULE_KRETFUNC_PROBE({mod}, {fn}) {{ bump({slot(fn + '/fexit_mod')}); return 0; }}")
+            body.append(f"MODULE_KFUNC_PROBE({mod}, {fn}, void *a0) {{ bump({slot(fn + '/fentry_mod')}); return 0; }}")
+            body.append(f"MODULE_KRETFUNC_PROBE({mod}, {fn}, void *a0) {{ bump({slot(fn + '/fexit_mod')}); return 0; }}")
             body.append("#endif")
     for tp in TRACEPOINTS:
         body.append(f"int tp_{c_ident(tp)}(void *ctx) {{ bump({slot(tp + '/tracepoint')}); return 0; }}")
@@ -116,7 +118,7 @@ static __always_inline void bump(u32 k) {{
 
 
 def read_hits(b: Any, slots: Dict[str, int]) -> Dict[str, int]:
-    table = b["hits"]
+    table = b[b"hits"]
     return {key: int(table[table.Key(i)].value) for key, i in slots.items()}
 
 
@@ -168,7 +170,7 @@ def smoke(lab_out: str) -> Dict[str, Any]:
     syms = kallsyms()
     ftrace = filter_functions()
     text, slots = bpf_text(syms)
-    b = ManualBPF(text=text)
+    b = ManualBPF(text=text.encode())
     from bcc import lib  # type: ignore[import-not-found]
 
     prog_names = [lib.bpf_function_name(b.module, i).decode()
@@ -188,9 +190,9 @@ def smoke(lab_out: str) -> Dict[str, Any]:
                 if sym is None:
                     raise LookupError("not in /proc/kallsyms")
                 if method == "kprobe":
-                    b.attach_kprobe(event=sym, fn_name=f"kp_{i}")
+                    b.attach_kprobe(event=sym.encode(), fn_name=f"kp_{i}".encode())
                 elif method == "kretprobe":
-                    b.attach_kretprobe(event=sym, fn_name=f"krp_{i}")
+                    b.attach_kretprobe(event=sym.encode(), fn_name=f"krp_{i}".encode())
                 else:
                     kind = "kfunc" if method.startswith("fentry") else "kretfunc"
                     want = f"{kind}__{mod}__{fn}" if method.endswith("_mod") else None
@@ -201,9 +203,9 @@ def smoke(lab_out: str) -> Dict[str, Any]:
                     if not names:
                         raise LookupError("bcc has no such macro")
                     if kind == "kfunc":
-                        b.attach_kfunc(fn_name=names[0])
+                        b.attach_kfunc(fn_name=names[0].encode())
                     else:
-                        b.attach_kretfunc(fn_name=names[0])
+                        b.attach_kretfunc(fn_name=names[0].encode())
                 entry["attached"] = True
             except Exception as e:  # noqa: BLE001 - any bcc failure is data here
                 entry["error"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
@@ -211,7 +213,7 @@ def smoke(lab_out: str) -> Dict[str, Any]:
     for tp in TRACEPOINTS:
         entry = {"attached": False}
         try:
-            b.attach_tracepoint(tp=tp, fn_name=f"tp_{c_ident(tp)}")
+            b.attach_tracepoint(tp=tp.encode(), fn_name=f"tp_{c_ident(tp)}".encode())
             entry["attached"] = True
         except Exception as e:  # noqa: BLE001
             entry["error"] = str(e)[:200]

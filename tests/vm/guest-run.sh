@@ -8,6 +8,16 @@ export HOME=/root LANG=C.UTF-8
 OUT=/mnt/out
 TREE=/mnt/tree
 
+# devtmpfs has no /dev/fd, /dev/stdin... (udev makes them); nft -f - needs them
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+for i in 0:stdin 1:stdout 2:stderr; do
+    [ -e /dev/${i#*:} ] || ln -s /proc/self/fd/${i%%:*} /dev/${i#*:}
+done
+mkdir -p /dev/shm /dev/pts
+mount -t tmpfs tmpfs /dev/shm 2>/dev/null
+mount -t devpts devpts /dev/pts 2>/dev/null
+
+echo started > $OUT/started
 uname -r > $OUT/kernel-release
 dpkg-query -W -f='${Version}\n' python3-bpfcc > $OUT/bcc-version 2>/dev/null
 python3 -c 'import platform; print(platform.python_version())' > $OUT/python-version

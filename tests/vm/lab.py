@@ -16,6 +16,7 @@ docs/LAB.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -353,6 +354,7 @@ class KernelResult:
     counts: TestCounts = dataclasses.field(default_factory=TestCounts)
     seconds: float = 0.0
     problems: List[str] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
     code: int = EXIT_OK
 
     @property
@@ -377,6 +379,8 @@ def summary_table(results: Sequence[KernelResult]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     for r in results:
+        for n in r.notes:
+            lines.append(f"note {r.suite} ({r.release}): {n}")
         for p in r.problems:
             lines.append(f"FAIL {r.suite} ({r.release}): {p}")
     return "\n".join(lines)
@@ -505,16 +509,41 @@ def boot(cmd: Sequence[str], log_path: Path, timeout: float, echo: Optional[Text
     return state
 
 
+def _host_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def probe_kvm(image: Image, out: TextIO) -> bool:
-    """Boot ``image`` under KVM for a few seconds; True if it reached init."""
+    """Boot ``image`` under KVM for a few seconds; True if it reached init.
+
+    The answer is remembered in the cache for the rest of this host boot
+    (a failing probe costs its whole timeout).
+    """
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        out.write("lab: no usable /dev/kvm; using tcg\n")
         return False
+    memo = cache_root() / "kvm-probe.json"
+    tag = {"boot_id": _host_boot_id(), "qemu": shutil.which("qemu-system-x86_64") or ""}
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("tag") == tag:
+            ok = bool(saved["ok"])
+            out.write(f"lab: KVM boot probe {'succeeded' if ok else 'failed'} earlier in this "
+                      f"host boot; using {'kvm' if ok else 'tcg'} (delete {memo} to re-probe)\n")
+            return ok
+    except (OSError, ValueError, KeyError):
+        pass
     timeout = float(os.environ.get("CTRACE_LAB_KVM_PROBE_SECONDS", "20"))
     with tempfile.TemporaryDirectory(prefix="ctrace-lab-probe-") as d:
         state = boot(qemu_cmd(image, "kvm", 1, 512, None, TREE, probe=True),
                      Path(d) / "console.log", timeout, until="ctrace-lab: probe ok")
     ok = state == "matched"
-    out.write(f"lab: KVM boot probe {'succeeded' if ok else 'failed'}; using "
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"tag": tag, "ok": ok}) + "\n")
+    out.write(f"lab: KVM boot probe {'succeeded' if ok else f'failed ({state})'}; using "
               f"{'kvm' if ok else 'tcg'}\n")
     return ok
 
@@ -530,11 +559,23 @@ def run_kernel(image: Image, accel: str, smp: int, mem_mb: int, timeout: float,
     outdir.mkdir(parents=True)
     (outdir / "pytest-args").write_text("".join(a + "\n" for a in pytest_args))
     (outdir / "suite").write_text(image.suite + "\n")
-    out.write(f"lab: {image.suite}: booting {result.release} ({accel}, -smp {smp})\n")
-    out.flush()
     started = time.monotonic()
-    state = boot(qemu_cmd(image, accel, smp, mem_mb, outdir, TREE), outdir / "console.log",
-                 timeout, echo=echo)
+    for attempt in (1, 2):
+        out.write(f"lab: {image.suite}: booting {result.release} ({accel}, -smp {smp})\n")
+        out.flush()
+        state = boot(qemu_cmd(image, accel, smp, mem_mb, outdir, TREE), outdir / "console.log",
+                     timeout, echo=echo)
+        if state == "timeout" or (outdir / "started").exists() or attempt == 2:
+            break
+        # The guest died before the tests started (seen once: an int3 oops
+        # while the kernel patched its text under multi-vCPU TCG).  That is
+        # the emulator, not the code under test: keep the log, boot again.
+        first = outdir / "console-boot-failure.log"
+        (outdir / "console.log").rename(first)
+        splats = dmesg_splats(first.read_text(errors="replace"))
+        result.notes.append("first boot died before the tests started"
+                            + (f" ({splats[0]})" if splats else "") + f"; see {first}")
+        out.write(f"lab: {image.suite}: {result.notes[-1]}; retrying once\n")
     result.seconds = time.monotonic() - started
     if state == "timeout":
         result.problems.append(f"timed out after {timeout:.0f} s (see {outdir}/console.log)")
@@ -619,7 +660,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("--timeout", type=float,
                    default=float(os.environ.get("CTRACE_LAB_TIMEOUT", "900")),
                    help="seconds per kernel (default 900)")
-    r.add_argument("--smp", type=int, default=2)
+    r.add_argument("--jobs", "-j", type=int,
+                   default=int(os.environ.get("CTRACE_LAB_JOBS", "2")),
+                   help="kernels booted at once (default 2)")
+    r.add_argument("--smp", type=int, default=1,
+                   help="vCPUs per guest (default 1: under TCG one vCPU runs the tests "
+                        "faster than two)")
     r.add_argument("--mem", type=int, default=2048, help="guest memory in MiB")
     r.add_argument("--results", type=Path, default=None,
                    help="result directory (default $CTRACE_LAB_CACHE/results)")
@@ -676,11 +722,15 @@ def cmd_run(args: argparse.Namespace, suites: Sequence[str], results_dir: Path,
     if accel == "auto":
         accel = "kvm" if images and probe_kvm(next(iter(images.values())), out) else "tcg"
     results_dir.mkdir(parents=True, exist_ok=True)
-    for s in suites:
-        if s in images:
-            results.append(run_kernel(images[s], accel, args.smp, args.mem, args.timeout,
-                                      pytest_args, results_dir,
-                                      sys.stderr if args.verbose else None, out))
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_kernel, images[s], accel, args.smp, args.mem, args.timeout,
+                               pytest_args, results_dir,
+                               sys.stderr if args.verbose else None, out)
+                   for s in suites if s in images]
+        results += [f.result() for f in futures]
+    out.write(f"lab: {len(futures)} kernel(s) in {time.monotonic() - started:.0f} s "
+              f"(jobs {args.jobs}, {accel})\n")
     results.sort(key=lambda r: list(SUITES).index(r.suite))
     out.write("\n" + summary_table(results) + "\n")
     return overall_exit(results)
