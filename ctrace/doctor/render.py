@@ -2,7 +2,7 @@
 
 import json
 import textwrap
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ctrace import __version__
 from ctrace.doctor.model import SCHEMA, Finding, Report
@@ -29,8 +29,9 @@ def render_json(report: Report, exit_code: int) -> str:
     return json.dumps(to_json(report, exit_code), indent=2, sort_keys=False) + "\n"
 
 
-def _wrap(text: str, indent: str, first: str = "") -> List[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent,
+def _wrap(text: str, indent: str, first: Optional[str] = None) -> List[str]:
+    first = indent if first is None else first
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=indent,
                          break_on_hyphens=False, break_long_words=False) or [first.rstrip()]
 
 
@@ -91,7 +92,7 @@ def render_text(report: Report, exit_code: int) -> str:
     extras = [str(src[k]) for k in ("hostname", "kernel", "collected_at") if src.get(k)]
     if extras:
         head += " (" + ", ".join(extras) + ")"
-    out.append(head)
+    out.append(head)  # not wrapped: it holds a path
     t = report.tables.get("table")
     if t:
         line = f"conntrack: {t['count']:,} of {t['max']:,} entries"
@@ -117,7 +118,7 @@ def render_text(report: Report, exit_code: int) -> str:
 
     per_ip = report.tables.get("per_ip")
     if per_ip:
-        out += ["", "Per local address: conntrack TCP entries vs sockets (like conntrack -L | awk, and ss)"]
+        out += ["", "Per local address: conntrack TCP entries vs sockets (conntrack -L | awk, ss)"]
         rows = [[r["ip"], _states(r["conntrack"]), _states(r["sockets"]), r["orphaned"]] for r in per_ip]
         out += _table(rows, ["address", "conntrack", "sockets", "orphaned"])
     prefixes = report.tables.get("prefixes")
@@ -126,8 +127,9 @@ def render_text(report: Report, exit_code: int) -> str:
         out += _table([[p["prefix"], p["entries"], p["addresses"]] for p in prefixes[:5]], ["prefix", "entries", "addresses"])
     idle = report.tables.get("established_idle")
     if idle and idle.get("sample"):
-        out += ["", f"ESTABLISHED idle ages (timeout - remaining), {idle['sample']:,} entries: "
-                    f"p50 {idle['p50_s']} s, p90 {idle['p90_s']} s, p99 {idle['p99_s']} s, max {idle['max_s']} s"]
+        out.append("")
+        out += _wrap(f"ESTABLISHED idle ages (timeout - remaining), {idle['sample']:,} entries: "
+                     f"p50 {idle['p50_s']} s, p90 {idle['p90_s']} s, p99 {idle['p99_s']} s, max {idle['max_s']} s", "  ", "")
     timeouts = report.tables.get("timeouts")
     if timeouts:
         out += ["", "Timeouts (s)"]
@@ -144,8 +146,9 @@ def render_text(report: Report, exit_code: int) -> str:
         out += _wrap("  ".join(f"{k}={tot[k]:,}" for k in keys), "  ")
     rules = report.tables.get("rules")
     if rules:
-        out += ["", f"Rules that need conntrack: {rules['needs_conntrack_total']} of {rules['rules']} "
-                    f"({', '.join(rules['sources'])})"]
+        out.append("")
+        out += _wrap(f"Rules that need conntrack: {rules['needs_conntrack_total']} of {rules['rules']} "
+                     f"({', '.join(rules['sources'])})", "  ", "")
         for u in rules["needs_conntrack"][:5]:
             out += _wrap(f"{u['source']}:{u['line']} [{u['reason']}] {u['rule']}", "      ", "    ")
         if rules["notrack"]:
@@ -157,7 +160,8 @@ def render_text(report: Report, exit_code: int) -> str:
             out += _wrap(f"{m.input}: {m.reason}{suffix}", "      ", "  - ")
     skipped = [c for c in report.checks if not c.ran]
     if skipped:
-        out += ["", "Not checked: " + "; ".join(f"{c.name} ({c.reason})" for c in skipped)]
+        out.append("")
+        out += _wrap("Not checked: " + "; ".join(f"{c.name} ({c.reason})" for c in skipped), "  ", "")
     if report.notes:
         out += ["", "Notes:"]
         for n in report.notes:
