@@ -414,7 +414,9 @@ class Model:
             _, last = first_last(gid[drop_idx], len(per_key))
             sample_of = {g: int(drop_idx[i]) for g, i in enumerate(last) if i >= 0}
         k0, k1, k2 = (w.tolist() for w in kw)
-        for g in range(len(per_key)):
+        # Least recently seen first, so the LRU evicts by last activity.
+        _, last_seen = first_last(gid, len(per_key))
+        for g in np.argsort(last_seen, kind="stable").tolist():
             key = (k0[g], k1[g], k2[g])
             acc = cache.get(key)
             if acc is None:

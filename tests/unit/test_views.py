@@ -1,0 +1,62 @@
+"""Views are pure functions of a snapshot: exact frames."""
+
+from ctrace import abi
+from ctrace.model import Model
+from ctrace.views.report import render_text, to_json
+from ctrace.views.top import render_frame
+from tests.unit.eventfactory import INFO, NS, T0, destroy, new, seq, state
+
+S = abi.TcpState
+
+
+def snapshot():
+    m = Model(INFO)
+    m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=100, t=0, src="10.0.0.9")]))
+    m.apply(seq([
+        new(1, 1, src="10.0.0.1"), state(1, 1.5, S.ESTABLISHED, src="10.0.0.1"),
+        new(2, 2, src="10.0.0.1"), state(2, 2.5, S.ESTABLISHED, src="10.0.0.1"), state(2, 3, S.TIME_WAIT, src="10.0.0.1"),
+        new(3, 3, src="2001:db8::7"), destroy(3, 4, S.CLOSE, src="2001:db8::7"),
+        dict(kind=abi.Kind.DROP, t=5, src="192.0.2.1", reason=abi.DropReason.TABLE_FULL),
+    ]))
+    return m.snapshot(T0 + 10 * NS)
+
+
+FRAME = """\
+ctrace testhost 22:15:10Z  entries 3/100   3.0%  ttf 8m
+new      0.3/s  gone      0.1/s  net     +0.2/s  drops 1  orphans 0
+probes -  netns all  by src
+
+ADDRESS            LIVE   NEW/s  GONE/s  ESTAB T_WAIT  OTHER  ORPH  DROP   AGE
+10.0.0.1              2     0.2     0.0      1      1      0     0     0    8s
+10.0.0.9              1     0.0     0.0      1      0      0     0     0     -
+2001:db8::7           0     0.1     0.1      0      0      0     0     0     -
+192.0.2.1             0     0.0     0.0      0      0      0     0     1     -
+"""
+
+
+def test_top_frame_exact():
+    assert render_frame(snapshot()) == FRAME
+
+
+def test_frames_fit_80_columns_and_use_wider():
+    s = snapshot()
+    assert max(len(line) for line in render_frame(s).splitlines()) <= 80
+    assert max(len(line) for line in render_frame(s, width=120).splitlines()) > 80
+
+
+def test_loss_banner_first():
+    m = Model(INFO)
+    m.apply(seq([dict(kind=abi.Kind.LOST, t=1, reason=abi.LostCause.RINGBUF_FULL, value=42)]))
+    assert render_frame(m.snapshot()).splitlines()[0] == "!! EVENTS LOST: 42 (ringbuf_full 42) -- counts below are incomplete !!"
+    assert "LOST 42" in render_text(m.snapshot())
+
+
+def test_report_json_fields():
+    j = to_json(snapshot())
+    assert j["table"] == {"max": 100, "buckets": None, "start_count": 1, "end_count": 3, "peak_count": 4, "kernel_count": None,
+                          "insert_rate_per_s": 0.3, "expire_rate_per_s": 0.1, "net_growth_per_s": 0.2, "time_to_full_s": 485.0}
+    assert j["removals"] == {"rst": 1}
+    assert [r["ip"] for r in j["ips"]] == ["10.0.0.1", "10.0.0.9", "2001:db8::7", "192.0.2.1"]
+    assert j["ips"][0]["states"] == {"ESTABLISHED": 1, "TIME_WAIT": 1}
+    assert j["drops"] == [{"ip": "192.0.2.1", "netns": 4026531840, "count": 1, "samples": [
+        {"family": "ipv4", "proto": "tcp", "src": "192.0.2.1", "sport": 40000, "dst": "10.9.9.9", "dport": 443, "netns": 4026531840}]}]
