@@ -46,16 +46,16 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         slot = _mix(sub, salt)
         slot >>= np.uint64(64 - bits)
         slot = slot.view(np.int64)
-        table = np.full(size, -1, dtype=np.int64)
-        table[slot] = np.arange(len(remaining), dtype=np.int64)
+        table = np.full(size, -1, dtype=np.int32 if len(remaining) < 2**31 else np.int64)
+        table[slot] = np.arange(len(remaining), dtype=table.dtype)
         occupied = np.flatnonzero(table >= 0)
         claimant = table[occupied]
         same = np.ones(len(remaining), dtype=bool)
-        key_at_slot = np.zeros(size, dtype=np.uint64)
+        key_at_slot = np.empty(size, dtype=np.uint64)  # read only at occupied slots
         for c in sub:
             key_at_slot[occupied] = c[claimant]
             same &= key_at_slot[slot] == c
-        dense = np.full(size, -1, dtype=np.int64)
+        dense = np.empty(size, dtype=np.int64)  # read only at occupied slots
         dense[occupied] = np.arange(next_id, next_id + len(occupied), dtype=np.int64)
         reps.append(remaining[claimant])
         next_id += len(occupied)
