@@ -803,10 +803,10 @@ class _Analysis:
                     ),
                     commands=[
                         "nft add table inet notrack_all",
-                        "nft add chain inet notrack_all pre '{ type filter hook prerouting priority raw; }'",
-                        "nft add chain inet notrack_all out '{ type filter hook output priority raw; }'",
-                        "nft add rule inet notrack_all pre notrack",
-                        "nft add rule inet notrack_all out notrack",
+                        "nft add chain inet notrack_all prerouting '{ type filter hook prerouting priority -300; }'",
+                        "nft add chain inet notrack_all output '{ type filter hook output priority -300; }'",
+                        "nft add rule inet notrack_all prerouting notrack",
+                        "nft add rule inet notrack_all output notrack",
                     ],
                     tradeoff=(
                         "Untracked traffic cannot be NAT'd or matched by ct state: a NAT or stateful rule added "
@@ -842,12 +842,12 @@ class _Analysis:
                     text=f"Exempt {proto}/{port} in the raw hook, and accept it with stateless rules in both directions.",
                     commands=[
                         "nft add table inet notrack_svc",
-                        "nft add chain inet notrack_svc pre '{ type filter hook prerouting priority raw; }'",
-                        "nft add chain inet notrack_svc out '{ type filter hook output priority raw; }'",
-                        f"nft add rule inet notrack_svc pre {proto} dport {port} notrack",
-                        f"nft add rule inet notrack_svc pre {proto} sport {port} notrack",
-                        f"nft add rule inet notrack_svc out {proto} sport {port} notrack",
-                        f"nft add rule inet notrack_svc out {proto} dport {port} notrack",
+                        "nft add chain inet notrack_svc prerouting '{ type filter hook prerouting priority -300; }'",
+                        "nft add chain inet notrack_svc output '{ type filter hook output priority -300; }'",
+                        f"nft add rule inet notrack_svc prerouting {proto} dport {port} notrack",
+                        f"nft add rule inet notrack_svc prerouting {proto} sport {port} notrack",
+                        f"nft add rule inet notrack_svc output {proto} sport {port} notrack",
+                        f"nft add rule inet notrack_svc output {proto} dport {port} notrack",
                     ],
                     tradeoff=(
                         "Rules that accept this traffic by `ct state established` no longer match it: add stateless "

@@ -35,11 +35,11 @@ from lab_toolkit import (
 # FIN and RST are dropped in both directions before conntrack (-200) sees them.
 NFT_LOSE_FIN_RST = """
 table inet ctdoc_drop {
-    chain pre {
+    chain prerouting {
         type filter hook prerouting priority -300; policy accept;
         tcp flags & (fin | rst) != 0 counter drop
     }
-    chain out {
+    chain output {
         type filter hook output priority -300; policy accept;
         tcp flags & (fin | rst) != 0 counter drop
     }
@@ -192,6 +192,13 @@ def test_stateless_ruleset_is_conntrack_unneeded(lab_out: str) -> None:
         assert ev["count"] == 0  # nothing asked for tracking, so this namespace tracks nothing
         assert "ruleset/nft.txt" in ev["ruleset_sources"] and ev["rules_examined"] == 2
         collect_and_compare(srv, lab_out, "unneeded", doc)
+
+        # the recommended commands work as printed (this suite's nft included)
+        rec = next(f["recommendation"] for f in doc["findings"] if f["id"] == "conntrack-unneeded")
+        for cmd in rec["commands"]:
+            run(["sh", "-c", cmd], ns=srv)
+        assert "notrack" in run(["nft", "list", "table", "inet", "notrack_all"], ns=srv)
+        run(["nft", "delete", "table", "inet", "notrack_all"], ns=srv)
 
         # the same namespace with a stateful rule: conntrack is needed again
         nft_apply(srv, "table inet ctdoc_state {\n chain input {\n  type filter hook input priority 0;\n"

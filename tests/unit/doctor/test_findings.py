@@ -240,7 +240,7 @@ def test_notrack_candidate(tree: Tree) -> None:
     assert ids(r) == [("notrack-candidate", "info")]
     f = finding(r, "notrack-candidate")
     assert (f.evidence["proto"], f.evidence["port"], f.evidence["entries"]) == ("udp", 53, 150)
-    assert "nft add rule inet notrack_svc pre udp dport 53 notrack" in f.recommendation.commands
+    assert "nft add rule inet notrack_svc prerouting udp dport 53 notrack" in f.recommendation.commands
 
 
 def test_timeouts_above_default(tree: Tree) -> None:
