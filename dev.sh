@@ -3,6 +3,7 @@
 #   ./dev.sh demo       set up and run the main job
 #   ./dev.sh test       set up and run every test: unit tests, then the VM kernel matrix
 #   ./dev.sh unit       only the host tests (no root needed once set up)
+#   ./dev.sh compat     the host tests on Debian 11's Python 3.9 stack, in a cached chroot
 #   ./dev.sh lab ARGS   the VM lab directly, e.g. ./dev.sh lab run --suite bookworm
 set -eu
 cd "$(dirname "$0")"
@@ -43,11 +44,13 @@ unit() {
 case "${1:-}" in
     demo) demo ;;
     unit) shift; apt_install $TEST_PKGS; unit "$@" ;;
+    compat) shift; apt_install $TEST_PKGS; tests/compat/debian11.sh "$@" ;;
     test)
         apt_install $TEST_PKGS
         unit
+        tests/compat/debian11.sh
         $PY tests/vm/lab.py run
         ;;
     lab) shift; apt_install $TEST_PKGS; $PY tests/vm/lab.py "$@" ;;
-    *) echo "usage: ./dev.sh demo|test|unit|lab [args]" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo|test|unit|compat|lab [args]" >&2; exit 2 ;;
 esac

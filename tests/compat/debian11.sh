@@ -1,0 +1,28 @@
+#!/bin/sh
+# Run the host tests on Debian 11's stack (Python 3.9, numpy 1.19, click 7.1, cachetools 4.2),
+# the oldest ctrace supports, in a bullseye chroot built once and cached outside the checkout.
+#   tests/compat/debian11.sh [pytest args]
+set -eu
+cd "$(dirname "$0")/../.."
+CACHE=${CTRACE_LAB_CACHE:-/var/cache/ctrace-lab}
+PKGS="python3,python3-numpy,python3-click,python3-cachetools,python3-pytest,gcc,libc6-dev"
+KEY=$(printf '%s' "bullseye $PKGS v1" | sha256sum | cut -c1-12)
+ROOT="$CACHE/compat/bullseye-$KEY"
+if [ ! -e "$ROOT/.complete" ]; then
+    mkdir -p "$CACHE/compat"
+    tmp="$CACHE/compat/.build-$$"
+    rm -rf "$tmp"
+    echo "compat: building the Debian 11 chroot (once, about a minute)" >&2
+    mmdebstrap --quiet --variant=minbase --include="$PKGS" bullseye "$tmp" \
+        "deb http://deb.debian.org/debian bullseye main" >"$CACHE/compat/build.log" 2>&1 \
+        || { echo "compat: mmdebstrap failed, see $CACHE/compat/build.log" >&2; rm -rf "$tmp"; exit 3; }
+    touch "$tmp/.complete"
+    rm -rf "$ROOT"
+    mv "$tmp" "$ROOT"
+fi
+work="$ROOT/work"
+rm -rf "$work"
+mkdir -p "$work"
+# Only tracked and new (not ignored) files: what a clean checkout has.
+git ls-files -co --exclude-standard -z | grep -z -E '^(ctrace|bpf|tests/unit)/|^pyproject.toml$' | xargs -0 cp --parents -t "$work"
+chroot "$ROOT" /bin/sh -c "cd /work && python3 -c 'import sys, numpy, click, cachetools; print(\"compat: Python\", sys.version.split()[0], \"numpy\", numpy.__version__, \"click\", click.__version__, \"cachetools\", cachetools.__version__)' && python3 -m pytest -q -p no:cacheprovider tests/unit $*"
