@@ -517,10 +517,18 @@ class _Analysis:
                 "timeout was lowered after their last packet, and they keep the old expiry until they see a packet "
                 "or are deleted (conntrack -D)"
             )
-        self.tables["sources"] = [{"ip": ip, "entries": n} for ip, n in t.src_ips.most_common(self.top)]
+        self.tables["sources"] = [
+            {"ip": ip, "entries": n, "states": dict(t.src_states.get(ip, Counter()).most_common())}
+            for ip, n in t.src_ips.most_common(self.top)
+        ]
+        if len(t.src_states) < len(t.src_ips):
+            self.notes.append(
+                f"per-state counts cover the first {_n(len(t.src_states))} of {_n(len(t.src_ips))} source addresses"
+            )
+        top_prefixes = t.prefixes.most_common(self.top)
         self.tables["prefixes"] = [
-            {"prefix": p, "entries": n, "addresses": len(addrs)}
-            for (p, n), addrs in zip(t.prefixes.most_common(self.top), self._prefix_addrs(t.prefixes.most_common(self.top)))
+            {"prefix": p, "entries": n, "addresses": len(addrs), "states": dict(t.prefix_states[p].most_common())}
+            for (p, n), addrs in zip(top_prefixes, self._prefix_addrs(top_prefixes))
         ]
         self.tables["services"] = [
             {"proto": proto, "port": port, "entries": n} for (proto, port), n in t.services.most_common(self.top)
@@ -558,6 +566,7 @@ class _Analysis:
             "percent_of_max": _pct(n, s.max or 0) if s.max else None,
             "addresses": len(addrs),
             "top_addresses": [{"ip": a, "entries": c} for a, c in addrs.most_common(5)],
+            "states": dict(t.prefix_states[pfx].most_common()),
             "other_prefixes": [{"prefix": p, "entries": c} for p, c in hits[1:]],
         }
         v6 = ":" in pfx

@@ -121,10 +121,16 @@ def render_text(report: Report, exit_code: int) -> str:
         out += ["", "Per local address: conntrack TCP entries vs sockets (conntrack -L | awk, ss)"]
         rows = [[r["ip"], _states(r["conntrack"]), _states(r["sockets"]), r["orphaned"]] for r in per_ip]
         out += _table(rows, ["address", "conntrack", "sockets", "orphaned"])
+    sources = report.tables.get("sources")
+    if sources:
+        out += ["", "Top sources by entries (original direction, local addresses excluded)"]
+        out += _table([[r["ip"], r["entries"], _states(r.get("states", {}), 3)] for r in sources],
+                      ["source", "entries", "states"])
     prefixes = report.tables.get("prefixes")
     if prefixes:
-        out += ["", "Top source prefixes (original direction, local addresses excluded)"]
-        out += _table([[p["prefix"], p["entries"], p["addresses"]] for p in prefixes[:5]], ["prefix", "entries", "addresses"])
+        out += ["", "Top source prefixes"]
+        out += _table([[p["prefix"], p["entries"], p["addresses"], _states(p.get("states", {}), 3)] for p in prefixes[:5]],
+                      ["prefix", "entries", "addresses", "states"])
     idle = report.tables.get("established_idle")
     if idle and idle.get("sample"):
         out.append("")

@@ -66,7 +66,8 @@ REQUIRED_SYSCTLS = (
 )
 
 UDP_FRESH_S = 5  # an unanswered UDP entry refreshed this recently: someone keeps sending
-DEFAULT_RACE_WINDOW = 8.0  # assumed when a tree carries no read timing
+DEFAULT_RACE_WINDOW = 8.0
+SRC_STATES_CAP = 100_000  # sources whose entries are also counted per state (memory bound)  # assumed when a tree carries no read timing
 
 _LOOPBACK = ("127.", "::1")
 _OLD = 1 << 62  # "idle for longer than any race": entries older than the current timeout
@@ -106,6 +107,8 @@ class TableSummary:
     local_ips: Dict[str, LocalIP] = field(default_factory=dict)
     orphans_checked: bool = False
     src_ips: Counter = field(default_factory=Counter)  # orig source, local addresses excluded
+    src_states: Dict[str, Counter] = field(default_factory=dict)  # first SRC_STATES_CAP sources: by state
+    prefix_states: Dict[str, Counter] = field(default_factory=dict)
     prefixes: Counter = field(default_factory=Counter)
     udp_entries: int = 0
     udp_unreplied: int = 0
@@ -199,10 +202,27 @@ class _Fold:
             s.local_entries += 1
         else:
             s.forwarded_entries += 1
+        if e.proto == "tcp":
+            label = f"tcp {e.state or 'NONE'}"
+        elif e.proto == "udp":
+            label = "udp UNREPLIED" if e.unreplied else ("udp ASSURED" if e.assured else "udp REPLIED")
+        else:
+            label = f"{e.proto} {e.state or ('UNREPLIED' if e.unreplied else 'REPLIED')}"
+        s.by_state[label] += 1
         if not client:
-            s.src_ips[e.orig.src] += 1
-            pfx, _ = prefix_of(e.orig.src)
+            src = e.orig.src
+            s.src_ips[src] += 1
+            states = s.src_states.get(src)
+            if states is None and len(s.src_states) < SRC_STATES_CAP:
+                states = s.src_states[src] = Counter()
+            if states is not None:
+                states[label] += 1
+            pfx, _ = prefix_of(src)
             s.prefixes[pfx] += 1
+            pstates = s.prefix_states.get(pfx)
+            if pstates is None:
+                pstates = s.prefix_states[pfx] = Counter()
+            pstates[label] += 1
         port = e.reply.sport if server else e.orig.dport
         if port is not None:
             s.services[(e.proto, port)] += 1
@@ -210,13 +230,10 @@ class _Fold:
             self._tcp(e, client, server)
         elif e.proto == "udp":
             self._udp(e)
-        else:
-            s.by_state[f"{e.proto} {e.state or ('UNREPLIED' if e.unreplied else 'REPLIED')}"] += 1
 
     def _tcp(self, e: CtEntry, client: bool, server: bool) -> None:
         s = self.s
         state = e.state or "NONE"
-        s.by_state[f"tcp {state}"] += 1
         idle: Optional[int] = None
         race_idle: Optional[int] = None
         if e.timeout is not None and state in TCP_STATE_TIMEOUT:
@@ -267,7 +284,6 @@ class _Fold:
     def _udp(self, e: CtEntry) -> None:
         s = self.s
         s.udp_entries += 1
-        s.by_state["udp UNREPLIED" if e.unreplied else ("udp ASSURED" if e.assured else "udp REPLIED")] += 1
         if not e.unreplied:
             return
         s.udp_unreplied += 1

@@ -191,6 +191,10 @@ def test_concentrated_prefix(tree: Tree) -> None:
     ev = finding(r, "concentrated-prefix").evidence
     assert (ev["prefix"], ev["entries"], ev["share_percent"], ev["addresses"]) == ("192.0.2.0/24", 300, 100.0, 20)
     assert ev["top_addresses"][0] == {"ip": "192.0.2.1", "entries": 15}
+    assert ev["states"] == {"tcp ESTABLISHED": 300}
+    assert r.tables["sources"][0] == {"ip": "192.0.2.1", "entries": 15, "states": {"tcp ESTABLISHED": 15}}
+    assert r.tables["prefixes"] == [{"prefix": "192.0.2.0/24", "entries": 300, "addresses": 20,
+                                     "states": {"tcp ESTABLISHED": 300}}]
     # with a small table the same prefix could fill a quarter of it: warning
     tree.sysctls(nf_conntrack_max=1000, nf_conntrack_buckets=1000)
     assert ids(report_of(tree.root)) == [("concentrated-prefix", "warning")]
