@@ -452,7 +452,7 @@ class LiveInputs(DirectoryInputs):
 
 def open_root(root: Optional[str]) -> Inputs:
     """Inputs for `--root` (a directory or a bundle file), or this machine when None."""
-    if root is None:
+    if root is None or os.path.realpath(root) == "/":
         return LiveInputs()
     if os.path.isdir(root):
         if not os.path.isdir(os.path.join(root, "proc")):

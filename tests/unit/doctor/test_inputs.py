@@ -248,3 +248,13 @@ def test_unprivileged_live_run_names_what_it_could_not_read(tree: Tree, monkeypa
     assert ["conntrack", "-L", "-o", "extended"] not in run.calls  # it needs the same privilege
     assert ids(r) == [("established-timeout-long", "warning"), ("insert-failed", "warning"), ("table-near-full", "critical")]
     assert "orphans" in {c.name for c in r.checks if not c.ran}
+
+
+def test_live_without_conntrack_loaded_is_incomplete(tree: Tree) -> None:
+    tree.write("proc/net/tcp", "  sl  local_address rem_address   st\n")
+    r = analyze(load(LiveInputs(run=FakeRun({"nft list ruleset": NFT_STATELESS}), root=str(tree.root))))
+    reasons = {m.input: m.reason for m in r.missing}
+    assert reasons["proc/sys/net/netfilter/nf_conntrack_max"] == (
+        "not present (nf_conntrack not loaded in this network namespace)")
+    assert reasons["proc/net/nf_conntrack"].startswith("not present (kernel built without NF_CONNTRACK_PROCFS")
+    assert r.status == "incomplete" and ids(r) == [("conntrack-unneeded", "info")]
