@@ -174,3 +174,18 @@ def test_nft_scan() -> None:
     quiet = RulesetScan()
     scan_nft("table inet filter {\n\tchain input {\n\t\ttcp dport 22 accept\n\t}\n}\n", "n", quiet)
     assert quiet.uses == [] and quiet.rules == 1
+
+
+def test_same_entry_from_proc_conntrack_extended_and_plain() -> None:
+    # one IPv6 UDP entry as Linux 6.18's /proc and conntrack-tools 1.4.7 print it
+    proc = ("ipv6     10 udp      17 29 src=0000:0000:0000:0000:0000:0000:0000:0001 "
+            "dst=0000:0000:0000:0000:0000:0000:0000:0001 sport=52573 dport=9999 [UNREPLIED] "
+            "src=0000:0000:0000:0000:0000:0000:0000:0001 dst=0000:0000:0000:0000:0000:0000:0000:0001 "
+            "sport=9999 dport=52573 mark=0 zone=0 use=2")
+    ext = ("ipv6     10 udp      17 29 src=::1 dst=::1 sport=52573 dport=9999 [UNREPLIED] src=::1 dst=::1 "
+           "sport=9999 dport=52573 mark=0 use=1")
+    plain = "udp      17 29 src=::1 dst=::1 sport=52573 dport=9999 [UNREPLIED] src=::1 dst=::1 sport=9999 dport=52573 mark=0 use=1"
+    a, b, c = (parse_ct_line(x) for x in (proc, ext, plain))
+    assert a is not None and b is not None and c is not None
+    assert a._replace(zone=None) == b == c
+    assert a.orig.src == "::1" and a.l3 == "ipv6" and a.unreplied and a.orig.dport == 9999
