@@ -341,19 +341,23 @@ class _Analysis:
                 "ambiguous": t.est_ambiguous,
             }
             self.tables["established_idle"] = idle_stats
+        floor_text = f"1.5 x tcp_keepalive_time ({keepalive} s), rounded up to the hour, so TCP keepalive keeps connections alive"
         if len(sample) >= th.est_sample_min:
             derived = _round_up(idle_stats["p99_s"] * th.est_margin, 3600)
+            basis_code = "observed-idle-ages"
             basis = (
-                f"p{th.est_percentile:g} of the idle ages of {_n(len(sample))} ESTABLISHED entries "
-                f"({_n(idle_stats['p99_s'])} s) x {th.est_margin:g}, at least 1.5 x tcp_keepalive_time ({keepalive} s)"
+                f"the p{th.est_percentile:g} idle age of {_n(len(sample))} ESTABLISHED entries "
+                f"({_n(idle_stats['p99_s'])} s) x {th.est_margin:g}, rounded up to the hour, and at least {floor_text}"
             )
         elif t is not None:
+            basis_code = "keepalive-floor-few-entries"
             basis = (
-                f"only {len(sample)} ESTABLISHED entries with a known idle age (fewer than {th.est_sample_min}): "
-                f"1.5 x tcp_keepalive_time ({keepalive} s)"
+                f"{floor_text}; only {len(sample)} ESTABLISHED entries have a known idle age, "
+                f"too few (under {th.est_sample_min}) to derive more"
             )
         else:
-            basis = f"the table could not be read: 1.5 x tcp_keepalive_time ({keepalive} s) only"
+            basis_code = "keepalive-floor-no-table"
+            basis = f"{floor_text}; the table could not be read, so no idle ages were seen"
         recommended = max(floor, derived)
         if timeout < recommended * 2:
             return
@@ -364,7 +368,7 @@ class _Analysis:
         evidence: Dict[str, Any] = {
             "timeout_s": timeout,
             "recommended_s": recommended,
-            "basis": basis,
+            "basis": basis_code,
             "tcp_keepalive_time_s": keepalive,
         }
         evidence.update({f"idle_{k}": v for k, v in idle_stats.items()})
@@ -388,12 +392,14 @@ class _Analysis:
             detail=(
                 f"A connection that ends without conntrack seeing a FIN or RST (peer crashed, RST dropped, "
                 f"NAT or load balancer forgot it) holds its entry for the full {_dur(timeout)}. "
-                f"The suggested value comes from {basis}.{reclaim_text} "
-                "How the estimate works: idle age = configured timeout - seconds left, per entry. It assumes "
-                "the timeout was not changed since the entry's last packet and no timeout policy applies; "
-                "it only sees connections alive now (longer-idle ones already expired) at one moment; "
-                f"entries with {s.timeout('nf_conntrack_tcp_timeout_unacknowledged')} s or less left are "
-                "left out, because the kernel shortens the timeout of connections with unacknowledged data."
+                f"The suggested value is {basis}.{reclaim_text}"
+                + ((
+                    " How the estimate works: idle age = configured timeout - seconds left, per entry. It assumes "
+                    "the timeout was not changed since the entry's last packet and no timeout policy applies; "
+                    "it only sees connections alive now (longer-idle ones already expired) at one moment; "
+                    f"entries with {s.timeout('nf_conntrack_tcp_timeout_unacknowledged')} s or less left are "
+                    "left out, because the kernel shortens the timeout of connections with unacknowledged data."
+                ) if t is not None and sample else "")
             ),
             evidence=evidence,
             recommendation=Recommendation(

@@ -444,7 +444,7 @@ class LiveInputs(DirectoryInputs):
             out.close()
             err = (proc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
             first = err[0] if err else "no message"
-            hint = " (run as root)" if os.geteuid() != 0 else ""
+            hint = " (run as root)" if os.geteuid() != 0 and "root" not in first else ""
             raise InputMissing(f"`{shown}` failed with exit {proc.returncode}: {first}{hint}")
         out.seek(0)
         return out

@@ -38,6 +38,7 @@ def test_healthy_default_machine_has_only_the_info_about_the_5_day_timeout(tree:
     ev = f.evidence
     assert (ev["timeout_s"], ev["recommended_s"], ev["idle_sample"], ev["idle_p99_s"]) == (432000, 10800, 50, 491)
     assert ev["reclaimable_entries"] == 0 and r.missing == [] and r.status == "ok"
+    assert ev["basis"] == "observed-idle-ages"
     assert run_cli(["doctor", "--root", str(tree.root)])[0] == 0
 
 
@@ -92,6 +93,8 @@ def test_established_timeout_derived_from_observed_idle_ages(tree: Tree) -> None
     f = finding(r, "established-timeout-long")
     ev = f.evidence
     assert (ev["idle_sample"], ev["idle_p99_s"], ev["recommended_s"], ev["reclaimable_entries"]) == (201, 11940, 25200, 1)
+    assert ev["basis"] == "observed-idle-ages"
+    assert "the p99 idle age of 201 ESTABLISHED entries (11,940 s) x 2" in f.detail
     assert "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established=25200" in f.recommendation.commands
     assert "idle age = configured timeout - seconds left" in f.detail
     assert "entries already idle keep their old expiry" in f.recommendation.tradeoff

@@ -54,7 +54,8 @@ def test_bundle_from_a_real_kernel_matches_its_live_run(bundle: Path) -> None:
     # keys added to evidence or tables since then are allowed (schema: additions only)
     assert [(f["id"], f["severity"]) for f in doc["findings"]] == [(f["id"], f["severity"]) for f in guest["findings"]]
     for got_f, want_f in zip(doc["findings"], guest["findings"]):
-        assert_subset(want_f["evidence"], got_f["evidence"], got_f["id"])
+        want_ev = {k: v for k, v in want_f["evidence"].items() if k != "basis"}  # free text in early fixtures
+        assert_subset(want_ev, got_f["evidence"], got_f["id"])
     assert_subset(guest["tables"], doc["tables"], "tables")
 
 
