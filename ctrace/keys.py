@@ -10,7 +10,7 @@ For `--by dport` the "address" is the port and proto the L4 protocol.
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -82,6 +82,65 @@ class KeySpace:
     def netns_words(w: List[np.ndarray]) -> List[np.ndarray]:
         z = np.zeros(len(w[0]), np.uint64)
         return [w[0] & np.uint64(0xFFFFFFFF), z, z]
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a model counts: by netns, L4 protocol, port (either side of the
+    original tuple). Records without a tuple (LOST, COUNTER) always pass."""
+
+    netns: Optional[int] = None
+    proto: Optional[int] = None
+    port: Optional[int] = None
+
+    @property
+    def active(self) -> bool:
+        return self.netns is not None or self.proto is not None or self.port is not None
+
+    def mask(self, ev: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(ev), dtype=bool)
+        if self.netns is not None:
+            keep &= ev["netns_ino"] == self.netns
+        if self.proto is not None:
+            keep &= ev["l4proto"] == self.proto
+        if self.port is not None:
+            keep &= (ev["orig_sport_be"] == self.port) | (ev["orig_dport_be"] == self.port)
+        untupled = (ev["kind"] == abi.Kind.LOST) | (ev["kind"] == abi.Kind.COUNTER)
+        return keep | untupled
+
+    def describe(self) -> str:
+        parts = []
+        if self.netns is not None:
+            parts.append(f"netns={self.netns}")
+        if self.proto is not None:
+            parts.append(f"proto={proto_name(self.proto)}")
+        if self.port is not None:
+            parts.append(f"port={self.port}")
+        return " ".join(parts)
+
+
+def parse_filter(text: str) -> Tuple[EventFilter, str]:
+    """'netns=4026531840 proto=tcp port=443 addr=10.1.' -> (event filter, address substring).
+    A bare word is an address substring. Raises ValueError with a one-line reason."""
+    f: Dict[str, Any] = {}
+    addr = ""
+    names = {v: k for k, v in _PROTO_NAMES.items()}
+    for term in text.split():
+        key, eq, value = term.partition("=")
+        if not eq:
+            addr = term
+            continue
+        if key == "addr":
+            addr = value
+        elif key == "netns" and value.isdigit():
+            f["netns"] = int(value)
+        elif key == "proto" and (value.lower() in names or value.isdigit()):
+            f["proto"] = names.get(value.lower(), int(value) if value.isdigit() else 0)
+        elif key == "port" and value.isdigit() and int(value) < 65536:
+            f["port"] = int(value)
+        else:
+            raise ValueError(f"bad filter term {term!r}: use netns=INODE proto=tcp|udp|N port=N addr=TEXT")
+    return EventFilter(**f), addr
 
 
 def netns_of(key: Key) -> int:

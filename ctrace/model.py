@@ -17,7 +17,7 @@ import numpy as np
 
 from ctrace import abi
 from ctrace.grouping import first_last, group_rows
-from ctrace.keys import Key, KeySpace, addr_text, label, netns_of, proto_name
+from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
 from ctrace.sources.base import SourceInfo
 
 K = abi.Kind
@@ -118,6 +118,7 @@ class ModelOptions:
     rate_window_s: int = 10  # sliding window for live rates
     orphan_list_max: int = 1000
     drop_samples: int = 5
+    filter: EventFilter = EventFilter()
 
 
 class _Tracked(cachetools.LRUCache):
@@ -265,6 +266,8 @@ class Model:
         self._seeded = True
 
     def apply(self, ev: np.ndarray) -> None:
+        if self.opt.filter.active and len(ev):
+            ev = ev[self.opt.filter.mask(ev)]
         if not len(ev):
             return
         ts = ev["ts_boot_ns"]

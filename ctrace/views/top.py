@@ -1,11 +1,102 @@
-"""The top view: one frame of text from a snapshot. Pure: same snapshot, same frame."""
+"""The top view: a screen of text from a snapshot and a view state. Pure: the same
+inputs always give the same lines; keys change the view state, never the model."""
 
+import dataclasses
 import datetime
-from typing import List, Optional, Sequence
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from ctrace.keys import EventFilter, KeySpace, label, netns_of, parse_filter
 from ctrace.model import Row, Snapshot
+from ctrace.grouping import group_rows
 
-GROUPS = ("ip", "prefix", "netns")
+GROUPS = ("ip", "prefix", "wide", "netns")
+GROUP_TITLES = {"ip": "ADDRESS", "prefix": "PREFIX", "wide": "PREFIX", "netns": "NETNS"}
+SORTS: Dict[str, Callable[[Row], float]] = {
+    "live": lambda r: r.live,
+    "new/s": lambda r: r.new_per_s,
+    "gone/s": lambda r: r.gone_per_s,
+    "estab": lambda r: r.states.get("ESTABLISHED", 0),
+    "orphans": lambda r: r.orphans,
+    "drops": lambda r: r.drops,
+    "age": lambda r: r.median_age_s or 0.0,
+}
+WIDE_V4, WIDE_V6 = 16, 48
+
+HELP = """\
+ctrace top -- keys
+  s / S     next / previous sort column (live, new/s, gone/s, estab, orphans, drops, age)
+  g / G     next / previous grouping: address (/32, /128) -> prefix (/24, /64)
+            -> wide prefix (/16, /48) -> netns
+  f         filter: netns=INODE proto=tcp|udp port=N addr=TEXT (empty clears)
+  p, space  pause / resume the display (events are still counted)
+  [ / ]     replay: seek back / forward one minute
+  n         replay, paused: step one interval
+  h, ?      this help (any key returns)
+  q         quit
+Columns: LIVE entries now; NEW/s and GONE/s since the last frame; ESTAB and T_WAIT
+entries in those conntrack states; OTHER the rest; ORPH entries whose connection ended
+without conntrack seeing FIN/RST; DROP refused new entries; AGE median entry age."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewState:
+    group: str = "ip"
+    sort: str = "live"
+    addr: str = ""  # address substring filter (applied to row labels)
+    filter: EventFilter = EventFilter()
+    paused: bool = False
+    help: bool = False
+    prompt: Optional[str] = None  # filter text being typed
+    message: str = ""
+
+
+def _cycle(seq: Sequence[str], cur: str, step: int) -> str:
+    return seq[(seq.index(cur) + step) % len(seq)]
+
+
+def handle_key(state: ViewState, key: str) -> Tuple[ViewState, Optional[str]]:
+    """A key press -> (new state, action for the runner: quit, refilter, seek:+60, seek:-60, step)."""
+    rep = dataclasses.replace
+    if state.prompt is not None:
+        if key in ("\n", "\r", "KEY_ENTER"):
+            try:
+                f, addr = parse_filter(state.prompt)
+            except ValueError as exc:
+                return rep(state, prompt=None, message=str(exc)), None
+            action = "refilter" if f != state.filter else None
+            return rep(state, prompt=None, filter=f, addr=addr, message=""), action
+        if key == "\x1b":
+            return rep(state, prompt=None), None
+        if key in ("KEY_BACKSPACE", "\x7f", "\b"):
+            return rep(state, prompt=state.prompt[:-1]), None
+        if len(key) == 1 and key.isprintable():
+            return rep(state, prompt=state.prompt + key), None
+        return state, None
+    if state.help:
+        return rep(state, help=False), None
+    if key in ("q", "Q"):
+        return state, "quit"
+    if key in ("h", "?"):
+        return rep(state, help=True), None
+    if key in ("s", "S"):
+        return rep(state, sort=_cycle(list(SORTS), state.sort, 1 if key == "s" else -1)), None
+    if key in ("g", "G"):
+        return rep(state, group=_cycle(GROUPS, state.group, 1 if key == "g" else -1)), None
+    if key in ("p", " "):
+        return rep(state, paused=not state.paused), None
+    if key == "f":
+        current = " ".join(x for x in (state.filter.describe(), f"addr={state.addr}" if state.addr else "") if x)
+        return rep(state, prompt=current), None
+    if key == "]":
+        return state, "seek:+60"
+    if key == "[":
+        return state, "seek:-60"
+    if key == "n" and state.paused:
+        return state, "step"
+    return state, None
 
 
 def _age(v: Optional[float]) -> str:
@@ -21,7 +112,45 @@ def _eta(v: Optional[float]) -> str:
     return "never" if v is None else "FULL" if v <= 0 else _age(v)
 
 
-def header_lines(s: Snapshot, width: int = 80, netns_filter: Optional[int] = None) -> List[str]:
+def wide_rows(prefix_rows: Sequence[Row], by: str) -> Tuple[Row, ...]:
+    """Roll /24 (/64) prefix rows up to /16 (/48). Ages are not additive: left out."""
+    if not prefix_rows:
+        return ()
+    words = [np.array([r.key[i] for r in prefix_rows], dtype=np.uint64) for i in range(3)]
+    wide = KeySpace(by=by, prefix_v4=WIDE_V4, prefix_v6=WIDE_V6).prefix_words(words)
+    rep, gid = group_rows(wide)
+    out = []
+    for g in range(len(rep)):
+        members = [r for r, i in zip(prefix_rows, gid.tolist()) if i == g]
+        key = tuple(int(w[rep[g]]) for w in wide)
+        states: Counter = Counter()
+        removals: Counter = Counter()
+        for r in members:
+            states.update(r.states)
+            removals.update(r.removals)
+        out.append(Row(
+            key=key, label=label(key, by), netns=netns_of(key),
+            live=sum(r.live for r in members), created=sum(r.created for r in members),
+            destroyed=sum(r.destroyed for r in members), removals=dict(removals),
+            orphans=sum(r.orphans for r in members), orphans_live=sum(r.orphans_live for r in members),
+            drops=sum(r.drops for r in members), states=dict(states),
+            new_per_s=sum(r.new_per_s for r in members), gone_per_s=sum(r.gone_per_s for r in members),
+            median_age_s=None,
+        ))
+    return tuple(out)
+
+
+def rows_for(s: Snapshot, state: ViewState) -> List[Row]:
+    rows = {"ip": s.ips, "prefix": s.prefixes, "netns": s.netns}.get(state.group)
+    if rows is None:
+        rows = wide_rows(s.prefixes, s.by)
+    if state.addr:
+        rows = [r for r in rows if state.addr in r.label]
+    key = SORTS[state.sort]
+    return sorted(rows, key=lambda r: (-key(r), -r.live, r.label))
+
+
+def header_lines(s: Snapshot, width: int = 80, state: ViewState = ViewState()) -> List[str]:
     ins, exp = s.rates(window=True)
     clock = datetime.datetime.fromtimestamp((s.now_boot_ns + s.info.boot_to_wall_ns) / 1e9, tz=datetime.timezone.utc)
     fill = f"{100 * s.count / s.table_max:5.1f}%" if s.table_max else "  ?  "
@@ -38,26 +167,47 @@ def header_lines(s: Snapshot, width: int = 80, netns_filter: Optional[int] = Non
     drops = sum(s.drops_by_reason.values())
     lines.append(f"new {ins:8.1f}/s  gone {exp:8.1f}/s  net {ins - exp:+8.1f}/s  drops {drops}  orphans {sum(s.orphans_by_kind.values())}"[:width])
     probes = ",".join(sorted({p.get("method", "?") for p in s.info.probes})) or "-"
-    ns = "all" if netns_filter is None else str(netns_filter)
-    lines.append(f"probes {probes}  netns {ns}  by {s.by}"[:width])
+    shown = " ".join(x for x in (state.filter.describe(), f"addr~{state.addr}" if state.addr else "") if x) or "none"
+    extra = f"  untracked {s.untracked['keys_evicted']}" if s.untracked.get("keys_evicted") else ""
+    lines.append(f"probes {probes}  filter {shown}  by {s.by}  sort {state.sort}{extra}{'  [PAUSED]' if state.paused else ''}"[:width])
     return lines
 
 
-def table_lines(rows: Sequence[Row], width: int = 80, limit: int = 20) -> List[str]:
-    name_w = max(15, min(40, width - 65))
-    head = f"{'ADDRESS':<{name_w}} {'LIVE':>7} {'NEW/s':>7} {'GONE/s':>7} {'ESTAB':>6} {'T_WAIT':>6} {'OTHER':>6} {'ORPH':>5} {'DROP':>5} {'AGE':>5}"
+def table_lines(rows: Sequence[Row], width: int = 80, limit: int = 20, title: str = "ADDRESS") -> List[str]:
+    show_ns = width >= 96
+    name_w = max(15, min(40, width - 65 - (11 if show_ns else 0)))
+    ns_head = f" {'NETNS':>10}" if show_ns else ""
+    head = (f"{title:<{name_w}}{ns_head} {'LIVE':>7} {'NEW/s':>7} {'GONE/s':>7} {'ESTAB':>6} {'T_WAIT':>6} {'OTHER':>6}"
+            f" {'ORPH':>5} {'DROP':>5} {'AGE':>5}")
     out = [head[:width]]
     for r in rows[:limit]:
         est = r.states.get("ESTABLISHED", 0)
         tw = r.states.get("TIME_WAIT", 0)
-        label = r.label if len(r.label) <= name_w else r.label[: name_w - 1] + "~"
+        name = r.label if len(r.label) <= name_w else r.label[: name_w - 1] + "~"
+        ns = f" {r.netns:>10}" if show_ns else ""
         out.append(
-            f"{label:<{name_w}} {r.live:>7} {r.new_per_s:>7.1f} {r.gone_per_s:>7.1f} {est:>6} {tw:>6} {r.live - est - tw:>6}"
+            f"{name:<{name_w}}{ns} {r.live:>7} {r.new_per_s:>7.1f} {r.gone_per_s:>7.1f} {est:>6} {tw:>6} {r.live - est - tw:>6}"
             f" {r.orphans:>5} {r.drops:>5} {_age(r.median_age_s):>5}"[:width]
         )
     return out
 
 
+def render_screen(s: Snapshot, state: ViewState = ViewState(), width: int = 80, height: Optional[int] = None) -> List[str]:
+    """The whole screen: header, table (as many rows as fit), status line."""
+    if state.help:
+        return [line[:width] for line in HELP.splitlines()]
+    head = header_lines(s, width, state) + [""]
+    status = []
+    if state.prompt is not None:
+        status = [f"filter: {state.prompt}_"[:width]]
+    elif state.message:
+        status = [state.message[:width]]
+    room = (height - len(head) - len(status) - 1) if height else 20
+    body = table_lines(rows_for(s, state), width, max(0, room), GROUP_TITLES[state.group])
+    return head + body + status
+
+
 def render_frame(s: Snapshot, width: int = 80, limit: int = 20, group: str = "ip") -> str:
-    rows = {"ip": s.ips, "prefix": s.prefixes, "netns": s.netns}[group]
-    return "\n".join(header_lines(s, width) + [""] + table_lines(rows, width, limit)) + "\n"
+    """One plain-text frame (non-interactive top, replay to a pipe)."""
+    state = ViewState(group=group)
+    return "\n".join(header_lines(s, width, state) + [""] + table_lines(rows_for(s, state), width, limit, GROUP_TITLES[group])) + "\n"
