@@ -24,7 +24,7 @@ def snapshot():
 FRAME = """\
 ctrace testhost 22:15:10Z  entries 3/100   3.0%  ttf 8m
 new      0.3/s  gone      0.1/s  net     +0.2/s  drops 1  orphans 0
-probes -  netns all  by src
+probes -  filter none  by src  sort live
 
 ADDRESS            LIVE   NEW/s  GONE/s  ESTAB T_WAIT  OTHER  ORPH  DROP   AGE
 10.0.0.1              2     0.2     0.0      1      1      0     0     0    8s
