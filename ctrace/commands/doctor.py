@@ -22,9 +22,12 @@ _EXIT = {
 @click.option("--collect", "collect_to", metavar="FILE", default=None,
               help="Save this machine's inputs to FILE (tar.gz, mode 0600) to analyse elsewhere. Refuses an existing FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema ctrace.doctor/1, see docs/DOCTOR.md).")
+@click.option("--interval", default=0.0, show_default=True, type=click.FloatRange(0, 3600), metavar="SECONDS",
+              help="Read the kernel's counters twice, SECONDS apart, to tell whether drops still happen (live and --collect).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 1000), help="Rows per table.")
 @click.pass_obj
-def command(env: Optional[Environment], root: Optional[str], collect_to: Optional[str], as_json: bool, top: int) -> int:
+def command(env: Optional[Environment], root: Optional[str], collect_to: Optional[str], as_json: bool,
+            interval: float, top: int) -> int:
     """Find out why the conntrack table fills up, and what to do about it.
 
     Checks count vs max, hash size, every TCP/UDP timeout, the kernel's conntrack
@@ -36,6 +39,7 @@ def command(env: Optional[Environment], root: Optional[str], collect_to: Optiona
     Examples:
       ctrace doctor                        # this machine (root sees the most)
       ctrace doctor --json                 # schema ctrace.doctor/1
+      ctrace doctor --interval 30          # are drops still happening?
       ctrace doctor --collect host1.tgz    # save the inputs here ...
       ctrace doctor --root host1.tgz       # ... and analyse them anywhere
 
@@ -51,8 +55,10 @@ def command(env: Optional[Environment], root: Optional[str], collect_to: Optiona
     if collect_to is not None:
         if root is not None:
             raise click.UsageError("--collect saves this machine's inputs; it cannot be combined with --root")
-        return _collect(env, collect_to, as_json)
-    inp = open_root(root)
+        return _collect(env, collect_to, as_json, interval)
+    if interval and root is not None:
+        raise click.UsageError("--interval reads this machine twice; a saved tree has what it has")
+    inp = open_root(root, interval=interval)
     try:
         snap = load(inp)
     finally:
@@ -64,10 +70,10 @@ def command(env: Optional[Environment], root: Optional[str], collect_to: Optiona
     return int(status)
 
 
-def _collect(env: Environment, path: str, as_json: bool) -> int:
+def _collect(env: Environment, path: str, as_json: bool, interval: float) -> int:
     from ctrace.doctor.collect import collect
 
-    _snap, written, missing = collect(path)
+    _snap, written, missing = collect(path, interval=interval)
     if as_json:
         doc = {"bundle": path, "files": written, "missing": [{"input": k, "reason": v} for k, v in sorted(missing.items())]}
         env.stdout.write(json.dumps(doc, indent=2) + "\n")

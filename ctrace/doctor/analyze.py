@@ -5,7 +5,7 @@ concrete recommendation and what that recommendation costs."""
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ctrace.doctor import inputs as P
 from ctrace.doctor.model import (
@@ -417,6 +417,38 @@ class _Analysis:
             ),
         ))
 
+    def _growth(self, name: str) -> Optional[int]:
+        """How much counter `name` grew between the two reads (--interval), or None."""
+        a, b = self.s.stats, self.s.stats_later
+        if a is None or b is None:
+            return None
+        first, second = a.total(name), b.total(name)
+        if first is None or second is None or second < first:
+            return None
+        return second - first
+
+    def _growth_text(self, name: str) -> Tuple[str, Dict[str, Any]]:
+        grew = self._growth(name)
+        if grew is None:
+            return "", {}
+        interval = self.s.stats_interval
+        ev: Dict[str, Any] = {"grew_by": grew, "interval_s": interval}
+        if interval:
+            ev["per_second"] = round(grew / interval, 2)
+        span = f"in the last {interval:g} s" if interval else "between the two reads"
+        if grew:
+            return f"; +{_n(grew)} {span}", ev
+        return f"; none {span}", ev
+
+    def _counter_severity(self, name: str, critical_now: bool, growing_is: Severity) -> Severity:
+        """Severity of a cumulative counter: by its growth when read twice (--interval)."""
+        grew = self._growth(name)
+        if critical_now:
+            return Severity.CRITICAL
+        if grew is None:
+            return Severity.WARNING
+        return growing_is if grew else Severity.INFO
+
     def statistics(self) -> None:
         s = self.s
         st = s.stats
@@ -430,20 +462,29 @@ class _Analysis:
             "totals": totals,
             "per_cpu": {c: st.by_cpu(c) for c in ("insert_failed", "drop", "early_drop", "search_restart") if c in st.columns},
         }
+        if s.stats_later is not None:
+            self.tables["stats"]["interval_s"] = s.stats_interval
+            self.tables["stats"]["growth"] = {c: self._growth(c) for c in st.columns}
         critical_now = self.fill is not None and self.fill >= self.th.fill_critical
         since = "since boot or module load"
         failed = totals.get("insert_failed") or 0
         drop = totals.get("drop") or 0
         early = totals.get("early_drop") or 0
+        cumulative = (
+            "The counter is cumulative: run doctor with --interval 60 (or conntrack -S twice) to see whether it "
+            "still grows." if s.stats_later is None else ""
+        )
         if failed:
+            more, gev = self._growth_text("insert_failed")
             ev: Dict[str, Any] = {"insert_failed": failed, "per_cpu": st.by_cpu("insert_failed"), "drop": drop}
             for extra in ("clash_resolve", "chaintoolong", "search_restart"):
                 if extra in totals:
                     ev[extra] = totals[extra]
+            ev.update(gev)
             self.add(Finding(
                 id="insert-failed",
-                severity=Severity.WARNING,
-                title=f"{_n(failed)} new connections failed to enter the table (insert_failed, {since})",
+                severity=self._counter_severity("insert_failed", False, Severity.WARNING),
+                title=f"{_n(failed)} new connections failed to enter the table (insert_failed, {since}{more})",
                 detail=(
                     "insert_failed counts packets whose new entry could not be inserted: another CPU inserted "
                     "the same connection first and the clash could not be resolved (typically UDP through NAT: "
@@ -451,14 +492,14 @@ class _Analysis:
                     "(chaintoolong). That packet is dropped; for DNS it means a 5-second resolver timeout. "
                     + (f"The kernel did resolve {_n(totals['clash_resolve'] or 0)} clashes (clash_resolve). "
                        if totals.get("clash_resolve") else "")
-                    + "The counter is cumulative: compare two readings to see whether it still grows."
+                    + cumulative
                 ),
                 evidence=ev,
                 recommendation=Recommendation(
                     text=(
-                        "Check that it still grows (conntrack -S twice, a minute apart). For DNS through NAT, use "
-                        "a node-local DNS cache or glibc's `options single-request-reopen` in /etc/resolv.conf; "
-                        "if chaintoolong grows, see hashsize-small."
+                        "If it still grows: for DNS through NAT, use a node-local DNS cache or glibc's "
+                        "`options single-request-reopen` in /etc/resolv.conf; if chaintoolong grows, see "
+                        "hashsize-small."
                     ),
                     commands=["conntrack -S; sleep 60; conntrack -S"],
                     tradeoff=(
@@ -468,18 +509,21 @@ class _Analysis:
                 ),
             ))
         if early:
+            more, gev = self._growth_text("early_drop")
+            ev = {"early_drop": early, "per_cpu": st.by_cpu("early_drop"), "drop": drop, "count": s.count, "max": s.max}
+            ev.update(gev)
             self.add(Finding(
                 id="early-drop",
-                severity=Severity.CRITICAL if critical_now else Severity.WARNING,
-                title=f"the table overflowed: {_n(early)} entries were evicted to admit new ones (early_drop, {since})",
+                severity=self._counter_severity("early_drop", critical_now, Severity.CRITICAL),
+                title=f"the table overflowed: {_n(early)} entries were evicted to admit new ones (early_drop, {since}{more})",
                 detail=(
                     "The kernel evicts only when the count has reached nf_conntrack_max: it removes entries "
                     "that never saw traffic both ways (handshakes in progress, unanswered UDP) from near the new "
                     "entry's hash bucket. Connections being set up at that moment lost their state."
                     + (" The table is that full right now." if critical_now else "")
+                    + (" " + cumulative if cumulative else "")
                 ),
-                evidence={"early_drop": early, "per_cpu": st.by_cpu("early_drop"), "drop": drop,
-                          "count": s.count, "max": s.max},
+                evidence=ev,
                 recommendation=Recommendation(
                     text="Give the table headroom (table-near-full) and remove what fills it (orphans, long timeouts, unanswered UDP).",
                     commands=_sysctl_cmds("nf_conntrack_max", max(_pow2_at_least(2 * (s.count or 0)), 2 * (s.max or 0))) if s.max else [],
@@ -487,18 +531,22 @@ class _Analysis:
                 ),
             ))
         if drop:
+            more, gev = self._growth_text("drop")
+            ev = {"drop": drop, "per_cpu": st.by_cpu("drop"), "insert_failed": failed, "early_drop": early}
+            ev.update(gev)
             self.add(Finding(
                 id="packets-dropped",
-                severity=Severity.CRITICAL if critical_now else Severity.WARNING,
-                title=f"conntrack dropped {_n(drop)} packets (drop, {since})",
+                severity=self._counter_severity("drop", critical_now, Severity.CRITICAL),
+                title=f"conntrack dropped {_n(drop)} packets (drop, {since}{more})",
                 detail=(
                     "The drop counter counts packets conntrack refused: the table was full and nothing could be "
                     "evicted (the kernel logs \"nf_conntrack: table full, dropping packet\"), or an insert clash "
                     "could not be resolved (those are also in insert_failed: "
                     f"{_n(failed)}). Each is a lost packet, usually the first of a new connection."
                     + (" The table is that full right now." if critical_now else "")
+                    + (" " + cumulative if cumulative else "")
                 ),
-                evidence={"drop": drop, "per_cpu": st.by_cpu("drop"), "insert_failed": failed, "early_drop": early},
+                evidence=ev,
                 recommendation=Recommendation(
                     text="Find when it happened (dmesg shows the \"table full\" lines) and give the table headroom.",
                     commands=["dmesg -T | grep -i 'nf_conntrack: table full'", "conntrack -S"],

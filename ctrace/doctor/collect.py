@@ -104,7 +104,8 @@ def _create_exclusive(path: str) -> int:
         raise CtraceError(f"cannot create {path}: {exc.strerror or exc}", ExitStatus.CANNOT_WRITE) from None
 
 
-def collect(path: str, run: Optional[Callable[..., Any]] = None, root: str = "/") -> Tuple[Snapshot, List[str], Dict[str, str]]:
+def collect(path: str, run: Optional[Callable[..., Any]] = None, root: str = "/",
+            interval: float = 0.0) -> Tuple[Snapshot, List[str], Dict[str, str]]:
     """Write the bundle; returns the snapshot read while writing, the paths saved and
     the inputs that could not be read (path -> reason)."""
     fd = _create_exclusive(path)
@@ -113,7 +114,7 @@ def collect(path: str, run: Optional[Callable[..., Any]] = None, root: str = "/"
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                inp = CollectingInputs(tar, run=run, root=root)
+                inp = CollectingInputs(tar, run=run, root=root, interval=interval)
                 snap = load(inp)
                 meta = dict(inp.meta)
                 t0 = min((v[0] for v in inp.timing.values()), default=0.0)

@@ -39,6 +39,7 @@ IPT_NAMES = "proc/net/ip_tables_names"
 IP6T_NAMES = "proc/net/ip6_tables_names"
 CT_LIST = "conntrack/conntrack-L.txt"  # `conntrack -L -o extended`, when TABLE is absent
 CT_STATS = "conntrack/conntrack-S.txt"  # `conntrack -S`, when STAT is absent
+STAT_LATER = "proc/net/stat/nf_conntrack.later"  # STAT read again after --interval seconds
 NFT = "ruleset/nft.txt"  # `nft list ruleset`
 IPT = "ruleset/iptables-save.txt"
 IP6T = "ruleset/ip6tables-save.txt"
@@ -87,6 +88,7 @@ ORDER: Tuple[str, ...] = (
     IP6T_NAMES,
     IPT_LEGACY,
     IP6T_LEGACY,
+    STAT_LATER,
 )
 
 NOT_PRESENT = "not present"
@@ -124,13 +126,13 @@ class Inputs:
 
     def open(self, rel: str, optional: bool = False) -> Optional[IO[bytes]]:
         """The file at `rel`, or None (and its reason noted unless `optional`)."""
-        started = time.monotonic()
         try:
             f = self._open(rel)
         except InputMissing as exc:
             if not optional:
                 self.missing[rel] = str(exc)
             return None
+        started = time.monotonic()  # after opening: STAT_LATER sleeps in _open
         self.timing[rel] = [started, started]
         return f
 
@@ -175,6 +177,14 @@ class Inputs:
             return sorted(self._list(rel))
         except InputMissing as exc:
             self.missing[rel] = str(exc)
+            return None
+
+    def started(self, rel: str) -> Optional[float]:
+        """When `rel` was opened (monotonic seconds; from the bundle's record if any)."""
+        timing = self.meta.get("timing") if "timing" in self.meta else (self.timing if self.kind == "live" else None)
+        try:
+            return float(timing[rel][0]) if isinstance(timing, dict) and rel in timing else None
+        except (TypeError, ValueError, IndexError, KeyError):
             return None
 
     def race_window(self) -> Optional[float]:
@@ -396,9 +406,11 @@ class LiveInputs(DirectoryInputs):
     kind = "live"
     live = True
 
-    def __init__(self, run: Optional[Callable[..., "subprocess.CompletedProcess[bytes]"]] = None, root: str = "/") -> None:
+    def __init__(self, run: Optional[Callable[..., "subprocess.CompletedProcess[bytes]"]] = None, root: str = "/",
+                 interval: float = 0.0) -> None:
         # `root` and `run` exist for tests: a constructed tree read as if it were live
         super().__init__(root, label="this machine" if root == "/" else root)
+        self.interval = interval  # seconds between the two reads of the statistics (0: one read)
         self._run = run or subprocess.run
         self._which: Callable[[str], Optional[str]] = shutil.which if run is None else (lambda name: name)
         self.meta = {
@@ -423,7 +435,22 @@ class LiveInputs(DirectoryInputs):
     def _open(self, rel: str) -> IO[bytes]:
         if rel in COMMANDS:
             return self._command(rel)
+        if rel == STAT_LATER:
+            return self._stat_later()
         return super()._open(rel)
+
+    def _stat_later(self) -> IO[bytes]:
+        """The statistics again, `interval` seconds after their first read (the other
+        inputs were read meanwhile, so only the rest of the interval is waited)."""
+        if self.interval <= 0:
+            raise InputMissing("not asked for (--interval)")
+        first = self.timing.get(STAT)
+        if first is None:
+            raise InputMissing(f"{STAT} was not read")
+        wait = first[0] + self.interval - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        return super()._open(STAT)
 
     def _command(self, rel: str) -> IO[bytes]:
         argv, timeout = COMMANDS[rel]
@@ -450,10 +477,10 @@ class LiveInputs(DirectoryInputs):
         return out
 
 
-def open_root(root: Optional[str]) -> Inputs:
+def open_root(root: Optional[str], interval: float = 0.0) -> Inputs:
     """Inputs for `--root` (a directory or a bundle file), or this machine when None."""
     if root is None or os.path.realpath(root) == "/":
-        return LiveInputs()
+        return LiveInputs(interval=interval)
     if os.path.isdir(root):
         if not os.path.isdir(os.path.join(root, "proc")):
             raise CtraceError(

@@ -128,6 +128,8 @@ class Snapshot:
     sysctls: Dict[str, int]
     hashsize: Optional[int]
     stats: Optional[Stats]
+    stats_later: Optional[Stats]  # a second read, `stats_interval` seconds later (--interval)
+    stats_interval: Optional[float]
     keepalive: Optional[int]
     ipvs_conntrack: Optional[int]
     modules: Optional[Dict[str, List[str]]]
@@ -442,6 +444,17 @@ def load(inp: Inputs) -> Snapshot:
         scan = scan or RulesetScan()
         scan_iptables_save(text, legacy, scan)
 
+    later: Optional[Stats] = None
+    interval: Optional[float] = None
+    text = inp.read_text(P.STAT_LATER, optional=True)
+    if text is not None and stats is not None and stats.source == P.STAT:
+        later = parse_stat_table(text, P.STAT_LATER)
+        first, second = inp.started(P.STAT), inp.started(P.STAT_LATER)
+        if later is None:
+            notes.append(f"{P.STAT_LATER} is damaged: no growth computed")
+        elif first is not None and second is not None:
+            interval = round(second - first, 3)
+
     return Snapshot(
         kind=inp.kind,
         label=inp.label,
@@ -449,6 +462,8 @@ def load(inp: Inputs) -> Snapshot:
         sysctls=sysctls,
         hashsize=hashsize,
         stats=stats,
+        stats_later=later,
+        stats_interval=interval,
         keepalive=keepalive,
         ipvs_conntrack=ipvs,
         modules=modules,

@@ -1,5 +1,7 @@
 """Constructed root trees, each producing exactly the expected findings and numbers."""
 
+import json
+
 from conftest import finding, ids, report_of, run_cli
 from doctor_tree import (
     IPT_EMPTY,
@@ -258,3 +260,20 @@ def test_timeouts_above_default(tree: Tree) -> None:
         "nf_conntrack_tcp_timeout_close_wait",
         "nf_conntrack_udp_timeout_stream",
     ]
+
+
+def test_two_reads_of_the_counters_tell_past_from_present(tree: Tree) -> None:
+    healthy(tree, **QUIET).stat([{"insert_failed": 4, "drop": 2, "early_drop": 7}])
+    first = (tree.root / "proc/net/stat/nf_conntrack").read_text()
+    tree.stat([{"insert_failed": 4, "drop": 12, "early_drop": 7}])
+    tree.write("proc/net/stat/nf_conntrack.later", (tree.root / "proc/net/stat/nf_conntrack").read_text())
+    tree.write("proc/net/stat/nf_conntrack", first)
+    tree.write("ctrace-bundle.json", json.dumps({"timing": {"proc/net/stat/nf_conntrack": [0.0, 0.01],
+                                                            "proc/net/stat/nf_conntrack.later": [10.0, 10.01]}}))
+    r = report_of(tree.root)
+    assert ids(r) == [("early-drop", "info"), ("insert-failed", "info"), ("packets-dropped", "critical")]
+    drop = finding(r, "packets-dropped")
+    assert (drop.evidence["grew_by"], drop.evidence["interval_s"], drop.evidence["per_second"]) == (10, 10.0, 1.0)
+    assert drop.title.endswith("(drop, since boot or module load; +10 in the last 10 s)")
+    assert finding(r, "insert-failed").title.endswith("; none in the last 10 s)")
+    assert r.tables["stats"]["growth"]["drop"] == 10 and r.tables["stats"]["interval_s"] == 10.0

@@ -258,3 +258,18 @@ def test_live_without_conntrack_loaded_is_incomplete(tree: Tree) -> None:
         "not present (nf_conntrack not loaded in this network namespace)")
     assert reasons["proc/net/nf_conntrack"].startswith("not present (kernel built without NF_CONNTRACK_PROCFS")
     assert r.status == "incomplete" and ids(r) == [("conntrack-unneeded", "info")]
+
+
+def test_interval_live_and_collected(tree: Tree, tmp_path: Path) -> None:
+    busy(tree)
+    run = FakeRun({"nft list ruleset": NFT_STATEFUL})
+    r = analyze(load(LiveInputs(run=run, root=str(tree.root), interval=0.3)))
+    ev = {f.id: f.evidence for f in r.findings}["insert-failed"]
+    assert ev["grew_by"] == 0 and ev["interval_s"] >= 0.3
+    out = tmp_path / "b.tgz"
+    _, written, _ = collect(str(out), run=run, root=str(tree.root), interval=0.3)
+    assert "proc/net/stat/nf_conntrack.later" in written
+    again = {f.id: f.evidence for f in report_of(out).findings}["insert-failed"]
+    assert again["grew_by"] == 0 and again["interval_s"] >= 0.3
+    rc, _, err = run_cli(["doctor", "--root", str(out), "--interval", "5"])
+    assert rc == ExitStatus.USAGE and "--interval" in err
