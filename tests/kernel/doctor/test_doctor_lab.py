@@ -156,6 +156,8 @@ def test_small_max_under_load_is_table_near_full(topo: Topology, lab_out: str) -
         after = conntrack_stats(srv)
         count = conntrack_count(srv)
         bundle = collect_and_compare(srv, lab_out, "table-full", doc)
+        # read twice: the SYNs still being retransmitted are still being dropped
+        rc3, twice, _ = doctor(srv, "--json", "--interval", "3")
         abort_pending(stuck)
     got = found(doc)
     assert got["table-near-full"] == "critical", text
@@ -174,6 +176,10 @@ def test_small_max_under_load_is_table_near_full(topo: Topology, lab_out: str) -
     if totals.get("insert_failed"):
         assert "insert-failed" in got
     assert found(bundle)["table-near-full"] == "critical"
+    assert twice["tables"]["stats"]["interval_s"] >= 3 and rc3 == 21
+    if "packets-dropped" in found(twice):
+        ev2 = evidence(twice, "packets-dropped")
+        assert ev2["grew_by"] == twice["tables"]["stats"]["growth"]["drop"] >= 0
 
 
 def test_stateless_ruleset_is_conntrack_unneeded(lab_out: str) -> None:
