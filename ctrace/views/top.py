@@ -147,7 +147,7 @@ def rows_for(s: Snapshot, state: ViewState) -> List[Row]:
     if state.addr:
         rows = [r for r in rows if state.addr in r.label]
     key = SORTS[state.sort]
-    return sorted(rows, key=lambda r: (-key(r), -r.live, r.label))
+    return sorted(rows, key=lambda r: -key(r))  # stable: ties keep the model's order
 
 
 def header_lines(s: Snapshot, width: int = 80, state: ViewState = ViewState()) -> List[str]:
