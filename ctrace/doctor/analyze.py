@@ -362,8 +362,9 @@ class _Analysis:
         if timeout < recommended * 2:
             return
         reclaim = sum(1 for v in t.est_idle_all if v > recommended) if t is not None else None
+        # a warning when the table is under pressure and the long timeout is (or may be) part of it
         severity = Severity.INFO
-        if self.pressure() or (t is not None and t.entries and (reclaim or 0) >= th.reclaim_warning_share * t.entries):
+        if self.pressure() and (t is None or (t.entries and (reclaim or 0) >= th.reclaim_warning_share * t.entries)):
             severity = Severity.WARNING
         evidence: Dict[str, Any] = {
             "timeout_s": timeout,

@@ -91,7 +91,7 @@ def test_established_timeout_derived_from_observed_idle_ages(tree: Tree) -> None
     tree.base(count=201, max=400, buckets=400).stat([{}]).local(["10.0.0.1"]).sockets([]).table(lines)
     tree.ruleset(nft=NFT_STATEFUL)
     r = report_of(tree.root)
-    assert ids(r) == [("established-timeout-long", "warning")]  # warning: the table is half full
+    assert ids(r) == [("established-timeout-long", "info")]  # half full, but 1 entry would be reclaimed
     f = finding(r, "established-timeout-long")
     ev = f.evidence
     assert (ev["idle_sample"], ev["idle_p99_s"], ev["recommended_s"], ev["reclaimable_entries"]) == (201, 11940, 25200, 1)
@@ -277,3 +277,20 @@ def test_two_reads_of_the_counters_tell_past_from_present(tree: Tree) -> None:
     assert drop.title.endswith("(drop, since boot or module load; +10 in the last 10 s)")
     assert finding(r, "insert-failed").title.endswith("; none in the last 10 s)")
     assert r.tables["stats"]["growth"]["drop"] == 10 and r.tables["stats"]["interval_s"] == 10.0
+
+
+def test_long_timeout_is_a_warning_when_it_fills_a_busy_table(tree: Tree) -> None:
+    # 150 live connections idle up to 1500 s; 50 orphans idle 100000 s (excluded from the sample,
+    # but reclaimed by a shorter timeout): 25 % of a table that is 50 % full
+    lines, socks = [], []
+    for k in range(150):
+        peer = f"10.1.{k}.1"
+        lines.append(ct_tcp(peer, "10.0.0.1", 20000 + k, 443, remaining=432000 - 10 * k))
+        socks.append(("10.0.0.1", 443, peer, 20000 + k, "ESTABLISHED"))
+    lines += [ct_tcp(f"10.2.{k}.1", "10.0.0.1", 30000 + k, 443, remaining=332000) for k in range(50)]
+    tree.base(count=200, max=400, buckets=400).stat([{}]).local(["10.0.0.1"]).sockets(socks).table(lines)
+    tree.ruleset(nft=NFT_STATEFUL)
+    r = report_of(tree.root)
+    assert ids(r) == [("established-timeout-long", "warning"), ("notrack-candidate", "info")]
+    ev = finding(r, "established-timeout-long").evidence
+    assert (ev["idle_sample"], ev["idle_p99_s"], ev["recommended_s"], ev["reclaimable_entries"]) == (150, 1480, 10800, 50)
