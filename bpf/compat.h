@@ -33,38 +33,7 @@ static __always_inline s32 ct_jiffies_left(u32 timeout)
 #endif
 }
 
-/* Event output: ring buffer (5.8, commit 457f44363a88, "bpf: Implement BPF
- * ring buffer and verifier support for it") or perf buffer where the kernel
- * lacks it. Both paths count every event they fail to hand over. */
-#ifdef CT_RINGBUF
-BPF_RINGBUF_OUTPUT(events, CT_RING_PAGES);
-static __always_inline struct ct_event *ev_reserve(void)
-{
-	struct ct_event *e = events.ringbuf_reserve(sizeof(struct ct_event));
-	if (e)
-		__builtin_memset(e, 0, sizeof(*e));
-	return e;
-}
-/* User space drains on a timer, so no wakeup per event (BPF_RB_NO_WAKEUP). */
-#define ev_submit(ctx, e) events.ringbuf_submit((e), 1)
-#define CT_LOST_OUTPUT CT_LOST_RINGBUF_FULL
-#else
-BPF_PERF_OUTPUT(events);
-BPF_PERCPU_ARRAY(ev_scratch, struct ct_event, 1);
-static __always_inline struct ct_event *ev_reserve(void)
-{
-	u32 zero = 0;
-	struct ct_event *e = ev_scratch.lookup(&zero);
-	if (e)
-		__builtin_memset(e, 0, sizeof(*e));
-	return e;
-}
-#define ev_submit(ctx, e)                                                   \
-	do {                                                                \
-		if (events.perf_submit((ctx), (e), sizeof(struct ct_event)) < 0) \
-			lost_inc(CT_LOST_PERF_BUFFER);                      \
-	} while (0)
-#define CT_LOST_OUTPUT CT_LOST_PERF_BUFFER
-#endif
+/* Event output (ring buffer or perf buffer) lives in ctrace.bpf.c: bcc
+ * rewrites map method calls only in the main text, not in included headers. */
 
 #endif /* CTRACE_COMPAT_H */

@@ -16,6 +16,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/skbuff.h>
 #include <net/sock.h>
+#include <net/inet_sock.h>
 #include <net/net_namespace.h>
 #include <net/netfilter/nf_conntrack.h>
 #include "ctrace.h"
@@ -41,6 +42,17 @@ BPF_PERCPU_ARRAY(lost, u64, CT_NLOST);
 /* Events produced (handed over or lost), per kind: conservation checks. */
 BPF_PERCPU_ARRAY(produced, u64, CT_NKINDS);
 
+/* Orphan check statistics: [0] TCP sockets reaching CLOSE, [1] of those
+ * whose entry was found, [2] found still ESTABLISHED. */
+BPF_PERCPU_ARRAY(sockstats, u64, 4);
+
+static __always_inline void sockstat_inc(u32 i)
+{
+	u64 *v = sockstats.lookup(&i);
+	if (v)
+		*v += 1;
+}
+
 static __always_inline void lost_inc(u32 cause)
 {
 	u64 *v = lost.lookup(&cause);
@@ -56,6 +68,43 @@ static __always_inline void produced_inc(u32 kind)
 }
 
 #include "compat.h"
+
+/* Event output: ring buffer (5.8, commit 457f44363a88, "bpf: Implement BPF
+ * ring buffer and verifier support for it") or perf buffer where the kernel
+ * lacks it. Both paths count every event they fail to hand over. */
+#ifdef CT_RINGBUF
+BPF_RINGBUF_OUTPUT(events, CT_RING_PAGES);
+static __always_inline struct ct_event *ev_reserve(void)
+{
+	struct ct_event *e = events.ringbuf_reserve(sizeof(struct ct_event));
+	if (e)
+		__builtin_memset(e, 0, sizeof(*e));
+	return e;
+}
+/* User space drains on a timer, so no wakeup per event (BPF_RB_NO_WAKEUP). */
+static __always_inline void ev_submit(void *ctx, struct ct_event *e)
+{
+	events.ringbuf_submit(e, 1);
+}
+#define CT_LOST_OUTPUT CT_LOST_RINGBUF_FULL
+#else
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(ev_scratch, struct ct_event, 1);
+static __always_inline struct ct_event *ev_reserve(void)
+{
+	u32 zero = 0;
+	struct ct_event *e = ev_scratch.lookup(&zero);
+	if (e)
+		__builtin_memset(e, 0, sizeof(*e));
+	return e;
+}
+static __always_inline void ev_submit(void *ctx, struct ct_event *e)
+{
+	if (events.perf_submit(ctx, e, sizeof(struct ct_event)) < 0)
+		lost_inc(CT_LOST_PERF_BUFFER);
+}
+#define CT_LOST_OUTPUT CT_LOST_PERF_BUFFER
+#endif
 
 /* A confirmed entry we saw inserted: when, and what we already said about it. */
 struct ct_live {
@@ -84,7 +133,7 @@ BPF_HASH(tuples_any, struct ct_tkey, u64, CT_MAP_ENTRIES);
 
 /* Entries whose removal was already reported (nf_ct_delete seen): the free
  * path must not report them again. Cleared when the entry is freed. */
-BPF_LRU_HASH(gone, u64, u8, 65536);
+BPF_TABLE("lru_hash", u64, u8, gone, 65536);
 
 /* Per netns + original source IP aggregates. */
 struct ct_ipkey {
@@ -613,6 +662,7 @@ static __always_inline void on_sock_close(void *ctx, struct sock *sk, u8 oldstat
 	if (proto != IPPROTO_TCP)
 		return;
 	bpf_probe_read_kernel(&family, sizeof(family), &sk->__sk_common.skc_family);
+	sockstat_inc(0);
 
 	struct ct_tkey k = {};
 	struct net *net = NULL;
@@ -621,9 +671,11 @@ static __always_inline void on_sock_close(void *ctx, struct sock *sk, u8 oldstat
 #endif
 	k.netns = net_inum(net);
 	k.proto = IPPROTO_TCP;
-	u16 lport = 0;
-	bpf_probe_read_kernel(&lport, sizeof(lport), &sk->__sk_common.skc_num);
-	k.sport_be = bpf_htons(lport);
+	/* The local port from inet_sport, as the tracepoint itself does: on the
+	 * way to CLOSE the tracepoint fires from inet_sk_state_store() after
+	 * tcp_set_state() unhashed the socket and inet_put_port() cleared
+	 * skc_num (measured on 6.1: skc_num 0 at every CLOSE). */
+	bpf_probe_read_kernel(&k.sport_be, sizeof(k.sport_be), &((struct inet_sock *)sk)->inet_sport);
 	bpf_probe_read_kernel(&k.dport_be, sizeof(k.dport_be), &sk->__sk_common.skc_dport);
 	if (family == AF_INET) {
 		k.family = AF_INET;
@@ -673,9 +725,11 @@ static __always_inline void on_sock_close(void *ctx, struct sock *sk, u8 oldstat
 	}
 	if (!cur)
 		return;
+	sockstat_inc(1);
 	u64 ctp = *cur;
 	if (ct_read_state((struct nf_conn *)ctp) != CT_TCP_ESTABLISHED)
 		return;
+	sockstat_inc(2);
 	struct ct_live *lv = ctlive.lookup(&ctp);
 	if (!lv || (lv->flags & CT_LIVE_ORPHANED))
 		return;

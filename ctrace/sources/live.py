@@ -26,7 +26,10 @@ from ctrace.status import CtraceError, ExitStatus
 
 CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)
 DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
-HOLDBACK_NS = 5_000_000  # events this close to "now" wait for the next batch (cross-CPU order)
+# Events this close to "now" wait for the next batch: keeps cross-CPU order,
+# and gives an ORPHAN candidate its grace period (see _confirm_orphans).
+ORPHAN_GRACE_NS = 300_000_000
+HOLDBACK_NS = ORPHAN_GRACE_NS
 
 
 def boot_ns() -> int:
@@ -196,6 +199,7 @@ class LiveSource(Source):
         self._lost_seen = [0] * 8
         self._last_counter = 0.0
         self._existing = abi.empty(0)
+        self.orphans_withdrawn = 0
 
         release = os.uname().release
         check_privileges()
@@ -228,7 +232,7 @@ class LiveSource(Source):
         t0 = time.monotonic()
         with captured_stderr() as logs:
             try:
-                self._b = bcc.BPF(text=src, cflags=cflags)
+                self._b = bcc.BPF(text=src.encode(), cflags=cflags)
             except Exception as exc:  # bcc raises bare Exception
                 self._b = None
                 err: Optional[Exception] = exc
@@ -351,6 +355,10 @@ class LiveSource(Source):
         vals = self.per_cpu_sum("produced", 16)
         return {int(k): vals[int(k)] for k in abi.Kind if int(k) < 16}
 
+    def sock_stats(self) -> Dict[str, int]:
+        v = self.per_cpu_sum("sockstats", 3)
+        return {"closed": v[0], "entry_found": v[1], "established": v[2]}
+
     def _lost_records(self, ts: int) -> np.ndarray:
         vals = self.per_cpu_sum("lost", 8)
         out = []
@@ -406,8 +414,29 @@ class LiveSource(Source):
             self._pending = abi.empty(0)
             return arr
         cut = int(np.searchsorted(arr["ts_boot_ns"], now - HOLDBACK_NS, side="right"))
+        arr = self._confirm_orphans(arr, cut)
+        cut = int(np.searchsorted(arr["ts_boot_ns"], now - HOLDBACK_NS, side="right"))
         self._pending = arr[cut:]
         return arr[:cut]
+
+    def _confirm_orphans(self, arr: np.ndarray, cut: int) -> np.ndarray:
+        """Drop ORPHAN candidates (released at index < cut) whose entry left
+        ESTABLISHED within the grace period: a local abortive close changes the
+        socket to CLOSE just before its own RST reaches conntrack."""
+        head = arr[:cut]
+        orph = np.nonzero(head["kind"] == abi.Kind.ORPHAN)[0]
+        if not len(orph):
+            return arr
+        st = arr[(arr["kind"] == abi.Kind.STATE) & (arr["ct_oldstate"] == abi.TcpState.ESTABLISHED)]
+        drop = []
+        for i in orph:
+            o = arr[i]
+            m = (st["ct_id"] == o["ct_id"]) & (st["ts_boot_ns"] >= o["ts_boot_ns"]) & \
+                (st["ts_boot_ns"] <= o["ts_boot_ns"] + ORPHAN_GRACE_NS)
+            if m.any():
+                drop.append(i)
+        self.orphans_withdrawn += len(drop)
+        return np.delete(arr, drop) if drop else arr
 
     def batches(self) -> Iterator[np.ndarray]:
         while not self._closed and self._b is not None:
