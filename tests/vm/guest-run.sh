@@ -9,7 +9,7 @@
 # pytest-rc, dmesg.txt (and whatever tests write, e.g. smoke.json).
 # Optional $OUT/pytest-args: pytest arguments, one per line.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root LANG=C.UTF-8
+export HOME=/root LANG=C.UTF-8 TERM=dumb
 OUT=${CTRACE_LAB_OUT:-/mnt/out}
 TREE=${CTRACE_LAB_TREE:-/mnt/tree}
 

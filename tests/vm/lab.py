@@ -333,7 +333,9 @@ def parse_junit(text: str) -> TestCounts:
                 break
         if kinds & {"failure", "error"}:
             counts.failed += 1
-            counts.failures.append(ident)
+            bad = next(c for c in case if c.tag in ("failure", "error"))
+            msg = (bad.get("message") or "").strip().splitlines()
+            counts.failures.append(ident + (f" ({msg[0][:120]})" if msg else ""))
         elif "skipped" in kinds:
             counts.skipped += 1
         else:
@@ -591,9 +593,13 @@ def run_kernel(image: Image, accel: str, smp: int, mem_mb: int, timeout: float,
 # kernels table (docs/KERNELS.md)
 
 
+METHOD_CODES = {"kprobe": "K", "kretprobe": "R", "kprobe_clone": "Kc", "fentry": "F", "fexit": "X",
+                "fentry_mod": "Fm", "fexit_mod": "Xm", "tracepoint": "TP"}
+
+
 def kernels_table(results_dir: Path, suites: Sequence[str]) -> str:
-    """Markdown table of the bcc smoke test results (smoke.json) per kernel."""
-    data = {}
+    """Markdown tables from each kernel's smoke.json (docs/KERNELS.md)."""
+    data: Dict[str, Dict[str, object]] = {}
     for s in suites:
         try:
             data[s] = json.loads((results_dir / s / "smoke.json").read_text())
@@ -602,37 +608,57 @@ def kernels_table(results_dir: Path, suites: Sequence[str]) -> str:
     if not data:
         raise LabError(f"no smoke.json under {results_dir}; run the lab first", EXIT_USAGE)
     order = list(data)
-    lines = ["| attach point | " + " | ".join(
-        f"{s} {data[s].get('kernel', '?')}" for s in order) + " |",
-        "|---|" + "---|" * len(order)]
+    yes = {True: "yes", False: "no"}
+    lines = ["| suite | kernel | bcc | vmlinux BTF | nf_conntrack BTF | bcc MODULE_KFUNC_PROBE |",
+             "|---|---|---|---|---|---|"]
+    for s in order:
+        d = data[s]
+        lines.append(f"| {s} | {d.get('kernel', '?')} | {d.get('bcc', '?')} | "
+                     f"{yes.get(d.get('btf_vmlinux'), '?')} | "  # type: ignore[arg-type]
+                     f"{yes.get(d.get('btf_nf_conntrack'), '?')} | "  # type: ignore[arg-type]
+                     f"{yes.get(d.get('module_kfunc_macro'), '?')} |")  # type: ignore[arg-type]
     names: List[str] = []
     for s in order:
-        for name in data[s].get("targets", {}):
+        for name in data[s].get("targets", {}):  # type: ignore[union-attr]
             if name not in names:
                 names.append(name)
+    targets = {s: data[s].get("targets", {}) for s in order}
+    head = "| attach point | " + " | ".join(order) + " |"
+    sep = "|---|" + "---|" * len(order)
+    lines += ["", head, sep]
     for name in names:
-        cells = []
-        for s in order:
-            t = data[s].get("targets", {}).get(name)
-            cells.append(format_target(t) if t else "n/a")
+        cells = [format_target(targets[s].get(name)) for s in order]  # type: ignore[union-attr]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    phases = next((data[s].get("phases") for s in order if data[s].get("phases")), [])
+    lines += ["", f"Hits of the first working method per phase ({' / '.join(phases)}):",  # type: ignore[arg-type]
+              "", head, sep]
+    for name in names:
+        cells = [format_phases(targets[s].get(name), phases) for s in order]  # type: ignore[union-attr, arg-type]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_target(t: Dict[str, object]) -> str:
-    """One cell: methods that attached, with their event counts."""
-    methods = t.get("methods", {})
+def _working(t: Optional[Dict[str, object]]) -> List[str]:
+    methods = (t or {}).get("methods", {})
     assert isinstance(methods, dict)
-    parts = []
-    for method, m in methods.items():
-        if m.get("attached"):
-            parts.append(f"{method} {m.get('hits', 0)}")
-        else:
-            parts.append(f"~~{method}~~")
-    sym = t.get("symbol")
-    if sym is None and t.get("kind") != "tracepoint":
+    return [m for m, e in methods.items() if e.get("attached")]
+
+
+def format_target(t: Optional[Dict[str, object]]) -> str:
+    """One cell: codes of the methods that attached (K R F X Fm Xm TP)."""
+    if not t or (t.get("symbol") is None and t.get("kind") != "tracepoint"):
         return "absent"
-    return ", ".join(parts)
+    ok = [METHOD_CODES.get(m, m) for m in METHOD_CODES if m in _working(t)]
+    return " ".join(ok) if ok else "none"
+
+
+def format_phases(t: Optional[Dict[str, object]], phases: Sequence[str]) -> str:
+    work = _working(t)
+    if not work:
+        return "-"
+    methods = t["methods"]  # type: ignore[index]
+    per = methods[work[0]].get("phases", {})  # type: ignore[index]
+    return "/".join(str(per.get(p, 0)) for p in phases)
 
 
 # --------------------------------------------------------------------------

@@ -26,8 +26,8 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 def test_parse_junit_counts_and_names() -> None:
     c = lab.parse_junit(JUNIT)
     assert (c.passed, c.failed, c.skipped) == (1, 2, 1)
-    assert c.failures == ["tests/kernel/test_ground_truth.py::test_b",
-                          "tests/kernel/probes/test_x.py::TestGroup::test_d[v6]"]
+    assert c.failures == ["tests/kernel/test_ground_truth.py::test_b (assert 22 == 23)",
+                          "tests/kernel/probes/test_x.py::TestGroup::test_d[v6] (fixture)"]
 
 
 def test_parse_junit_old_pytest_root() -> None:
@@ -173,7 +173,8 @@ def test_collect_results_failures(tmp_path: Path) -> None:
     lab.collect_results(r, _guest_out(tmp_path))
     assert (r.release, r.bcc) == ("6.12.1-amd64", "0.31.0+ds-7")
     assert r.code == lab.EXIT_TESTS_FAILED
-    assert r.problems[0] == "test failed: tests/kernel/test_ground_truth.py::test_b"
+    assert r.problems[0] == ("test failed: tests/kernel/test_ground_truth.py::test_b"
+                             " (assert 22 == 23)")
 
 
 def test_collect_results_dmesg_fails_green_run(tmp_path: Path) -> None:
@@ -201,15 +202,22 @@ def test_kernels_table(tmp_path: Path) -> None:
     for suite, attached in (("bullseye", False), ("bookworm", True)):
         (tmp_path / suite).mkdir()
         (tmp_path / suite / "smoke.json").write_text(json.dumps({
-            "kernel": f"k-{suite}",
-            "targets": {"nf_ct_delete": {"kind": "function", "symbol": "nf_ct_delete",
-                                         "methods": {"kprobe": {"attached": True, "hits": 3},
-                                                     "fentry": {"attached": attached,
-                                                                "hits": 2}}}}}))
-    table = lab.kernels_table(tmp_path, ["bullseye", "bookworm", "sid"])
-    lines = table.splitlines()
-    assert lines[0] == "| attach point | bullseye k-bullseye | bookworm k-bookworm |"
-    assert lines[2] == "| `nf_ct_delete` | kprobe 3, ~~fentry~~ | kprobe 3, fentry 2 |"
+            "kernel": f"k-{suite}", "bcc": "0.1", "btf_vmlinux": True,
+            "btf_nf_conntrack": attached, "module_kfunc_macro": False,
+            "phases": ["connect", "flush"],
+            "targets": {
+                "nf_ct_delete": {"kind": "function", "symbol": "nf_ct_delete",
+                                 "methods": {"kprobe": {"attached": True, "hits": 3,
+                                                        "phases": {"flush": 3}},
+                                             "fentry": {"attached": attached, "hits": 2}}},
+                "gone": {"kind": "function", "symbol": None, "methods": {}}}}))
+    lines = lab.kernels_table(tmp_path, ["bullseye", "bookworm", "sid"]).splitlines()
+    assert lines[2] == "| bullseye | k-bullseye | 0.1 | yes | no | no |"
+    assert lines[5] == "| attach point | bullseye | bookworm |"
+    assert lines[7] == "| `nf_ct_delete` | K | K F |"
+    assert lines[8] == "| `gone` | absent | absent |"
+    assert lines[10] == "Hits of the first working method per phase (connect / flush):"
+    assert lines[14] == "| `nf_ct_delete` | 0/3 | 0/3 |"
 
 
 def test_qemu_cmd_has_no_network_and_snapshot(tmp_path: Path) -> None:
