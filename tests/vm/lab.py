@@ -388,6 +388,16 @@ def summary_table(results: Sequence[KernelResult]) -> str:
     return "\n".join(lines)
 
 
+def closing_line(results: Sequence[KernelResult]) -> str:
+    """Totals over all kernels in pytest's closing-line form.  A kernel that
+    failed without a failed test (no boot, timeout, dmesg splat) counts as
+    one failure, so the line never reads "0 failed" on a red run."""
+    passed = sum(r.counts.passed for r in results)
+    failed = sum(r.counts.failed or (0 if r.ok else 1) for r in results)
+    skipped = sum(r.counts.skipped for r in results)
+    return f"lab: {passed} passed, {failed} failed, {skipped} skipped"
+
+
 def overall_exit(results: Sequence[KernelResult]) -> int:
     codes = {r.code for r in results}
     for code in (EXIT_GUEST_FAILED, EXIT_BUILD_FAILED, EXIT_TESTS_FAILED):
@@ -758,7 +768,7 @@ def cmd_run(args: argparse.Namespace, suites: Sequence[str], results_dir: Path,
     out.write(f"lab: {len(futures)} kernel(s) in {time.monotonic() - started:.0f} s "
               f"(jobs {args.jobs}, {accel})\n")
     results.sort(key=lambda r: list(SUITES).index(r.suite))
-    out.write("\n" + summary_table(results) + "\n")
+    out.write("\n" + summary_table(results) + "\n" + closing_line(results) + "\n")
     return overall_exit(results)
 
 

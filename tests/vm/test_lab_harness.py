@@ -153,6 +153,15 @@ def test_summary_table() -> None:
                         "tests/kernel/test_ground_truth.py::test_rst_close")
 
 
+def test_closing_line_counts_infra_failures() -> None:
+    ok = _result("a", 16, 0)
+    ok.counts.skipped = 2
+    dead = lab.KernelResult("b", code=lab.EXIT_GUEST_FAILED)
+    splat = _result("c", 16, 0, code=lab.EXIT_TESTS_FAILED)
+    assert lab.closing_line([ok, dead, splat]) == "lab: 32 passed, 2 failed, 2 skipped"
+    assert lab.closing_line([ok]) == "lab: 16 passed, 0 failed, 2 skipped"
+
+
 def test_overall_exit_priority() -> None:
     assert lab.overall_exit([_result("a", 1, 0)]) == lab.EXIT_OK
     assert lab.overall_exit([_result("a", 1, 0), _result("b", 0, 1, code=1)]) == 1
