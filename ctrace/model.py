@@ -12,11 +12,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-import cachetools
 import numpy as np
 
 from ctrace import abi
 from ctrace.grouping import first_last, group_rows
+from ctrace.keytable import KeyTable, Row, RowTable, bounded_samples
 from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
 from ctrace.sources.base import SourceInfo
 
@@ -121,51 +121,6 @@ class ModelOptions:
     filter: EventFilter = EventFilter()
 
 
-class _Tracked(cachetools.LRUCache):
-    """LRU of per-key counter rows that sums what it evicts."""
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize=maxsize)
-        self.evicted = 0
-        self.evicted_totals = np.zeros(len(COLUMNS), dtype=np.int64)
-
-    def popitem(self) -> Tuple[Key, "_Acc"]:
-        key, acc = super().popitem()
-        self.evicted += 1
-        self.evicted_totals += acc.counts
-        return key, acc
-
-
-class _Acc:
-    __slots__ = ("counts", "samples", "prev")
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(len(COLUMNS), dtype=np.int64)
-        self.samples: Optional[Deque[Dict[str, Any]]] = None
-        self.prev = (0, 0)  # created, destroyed at the previous snapshot
-
-
-@dataclass(frozen=True)
-class Row:
-    """One address, prefix or netns in a snapshot."""
-
-    key: Key
-    label: str
-    netns: int
-    live: int
-    created: int
-    destroyed: int
-    removals: Dict[str, int]
-    orphans: int
-    orphans_live: int
-    drops: int
-    states: Dict[str, int]
-    new_per_s: float
-    gone_per_s: float
-    median_age_s: Optional[float]
-    drop_samples: Tuple[Dict[str, Any], ...] = ()
-
-
 @dataclass(frozen=True)
 class Snapshot:
     info: SourceInfo
@@ -189,9 +144,9 @@ class Snapshot:
     window_expire_rate: float
     removals: Dict[str, int]
     lifetimes: Dict[str, Dict[str, Any]]
-    ips: Tuple[Row, ...]
-    prefixes: Tuple[Row, ...]
-    netns: Tuple[Row, ...]
+    ips: RowTable
+    prefixes: RowTable
+    netns: RowTable
     orphans: Tuple[Dict[str, Any], ...]
     orphans_by_kind: Dict[str, int]
     drops_by_reason: Dict[str, int]
@@ -250,9 +205,9 @@ class Model:
         self.inserts = 0
         self.removals_total = 0
         self.counters: Dict[int, int] = {}
-        self.ips = _Tracked(self.opt.max_keys)
-        self.prefixes = _Tracked(self.opt.max_keys)
-        self.netns = _Tracked(self.opt.max_keys)
+        self.ips = KeyTable(self.opt.max_keys, len(COLUMNS))
+        self.prefixes = KeyTable(self.opt.max_keys, len(COLUMNS))
+        self.netns = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.orphan_list: Deque[Dict[str, Any]] = deque(maxlen=self.opt.orphan_list_max)
         self._per_sec: Dict[int, List[int]] = {}  # second -> [inserts, removals]
         self._prev_snapshot_ns = info.start_boot_ns
@@ -406,43 +361,35 @@ class Model:
         flat = np.concatenate([gid[r] * nc + c for r, c in zip(rows, cols)]) if rows else np.empty(0, np.int64)
         per_key = np.bincount(flat, minlength=m * nc).reshape(m, nc)
         rep_words = [w[rep] for w in words]
-        self._fold(self.ips, rep_words, per_key, ev, gid, drop)
-        self._fold_rollup(self.prefixes, ks.prefix_words(rep_words), per_key)
-        self._fold_rollup(self.netns, ks.netns_words(rep_words), per_key)
-
-    def _fold(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray, ev: np.ndarray, gid: np.ndarray, drop: np.ndarray) -> None:
-        sample_of: Dict[int, int] = {}
+        _, last = first_last(gid, m)
+        seen = ev["ts_boot_ns"][last].astype(np.int64)
+        where = self.ips.add(rep_words, per_key, seen)
         if len(drop):
-            drop_idx = drop
-            _, last = first_last(gid[drop_idx], len(per_key))
-            sample_of = {g: int(drop_idx[i]) for g, i in enumerate(last) if i >= 0}
-        k0, k1, k2 = (w.tolist() for w in kw)
-        # Least recently seen first, so the LRU evicts by last activity.
-        _, last_seen = first_last(gid, len(per_key))
-        for g in np.argsort(last_seen, kind="stable").tolist():
-            key = (k0[g], k1[g], k2[g])
-            acc = cache.get(key)
-            if acc is None:
-                acc = _Acc()
-                cache[key] = acc
-            acc.counts += per_key[g]
-            if g in sample_of:
-                if acc.samples is None:
-                    acc.samples = deque(maxlen=self.opt.drop_samples)
-                acc.samples.append(_tuple_dict(ev[sample_of[g]]))
+            self._keep_drop_samples(ev, drop, gid, where)
+        self._rollup(self.prefixes, ks.prefix_words(rep_words), per_key, seen)
+        self._rollup(self.netns, ks.netns_words(rep_words), per_key, seen)
 
-    def _fold_rollup(self, cache: _Tracked, kw: List[np.ndarray], per_key: np.ndarray) -> None:
+    def _keep_drop_samples(self, ev: np.ndarray, drop: np.ndarray, gid: np.ndarray, where: np.ndarray) -> None:
+        """The latest refused tuple of each address in this batch, a few per address."""
+        _, last = first_last(gid[drop], int(gid.max()) + 1)
+        for g in np.flatnonzero(last >= 0).tolist():
+            row = int(where[g])
+            if row < 0:
+                continue
+            key = tuple(int(w[row]) for w in self.ips.words)
+            q = self.ips.samples.get(key)
+            if q is None:
+                q = self.ips.samples[key] = bounded_samples(self.opt.drop_samples)
+            q.append(_tuple_dict(ev[drop[last[g]]]))
+
+    @staticmethod
+    def _rollup(table: KeyTable, kw: List[np.ndarray], per_key: np.ndarray, seen: np.ndarray) -> None:
         rep, gid = group_rows(kw)
-        sums = np.zeros((len(rep), len(COLUMNS)), dtype=np.int64)
-        np.add.at(sums, gid, per_key)  # one row per address: small
-        k0, k1, k2 = (w[rep].tolist() for w in kw)
-        for g in range(len(rep)):
-            key = (k0[g], k1[g], k2[g])
-            acc = cache.get(key)
-            if acc is None:
-                acc = _Acc()
-                cache[key] = acc
-            acc.counts += sums[g]
+        m = len(rep)
+        sums = np.stack([np.bincount(gid, weights=per_key[:, c], minlength=m) for c in range(per_key.shape[1])], axis=1)
+        last = np.zeros(m, dtype=np.int64)
+        np.maximum.at(last, gid, seen)
+        table.add([w[rep] for w in kw], sums.astype(np.int64), last)
 
     def _count_seconds(self, ins_ts: np.ndarray, rem_ts: np.ndarray) -> None:
         for col, ts in ((0, ins_ts), (1, rem_ts)):
@@ -481,19 +428,13 @@ class Model:
         """Summarise everything folded so far. Per-row rates cover the time since the previous call."""
         now = int(now_boot_ns if now_boot_ns is not None else self.now_boot_ns)
         interval = max(0.0, (now - self._prev_snapshot_ns) / NS)
-        live_stats = self._live_by_key(now)
-        ips = self._rows(self.ips, live_stats[0], interval)
-        prefixes = self._rows(self.prefixes, live_stats[1], interval)
-        netns = self._rows(self.netns, live_stats[2], interval)
-        for cache in (self.ips, self.prefixes, self.netns):
-            for acc in cache.values():
-                acc.prev = (int(acc.counts[_C["created"]]), int(acc.counts[_C["destroyed"]]))
+        ips, prefixes, netns = self._row_tables(now, interval)
         self._prev_snapshot_ns = now
         window = min(float(self.opt.rate_window_s), max(0.0, (now - self.start_boot_ns) / NS))
         lo_sec = now // NS - self.opt.rate_window_s
         w_ins = sum(v[0] for s, v in self._per_sec.items() if s >= lo_sec)
         w_rem = sum(v[1] for s, v in self._per_sec.items() if s >= lo_sec)
-        tracked_live = sum(r.live for r in ips)
+        tracked_live = int(ips.live.sum())
         sysctl_max = self.info.sysctls.get("nf_conntrack_max")
         ev = self.ips.evicted_totals
         return Snapshot(
@@ -525,7 +466,7 @@ class Model:
             orphans_by_kind={k: int(self.orphans_by_kind[i]) for i, k in enumerate(ORPHAN_KINDS)},
             drops_by_reason={r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]},
             untracked={
-                "keys_evicted": self.ips.evicted,
+                "keys_evicted": self.ips.evictions,
                 "live": len(self.live) - tracked_live,
                 "created": int(ev[_C["created"]]),
                 "destroyed": int(ev[_C["destroyed"]]),
@@ -549,76 +490,56 @@ class Model:
             out[reason] = {"count": total, "p50_s": q(0.5), "p90_s": q(0.9), "p99_s": q(0.99), "max_s": float(self.lifetime_max[i])}
         return out
 
-    def _live_by_key(self, now: int) -> Tuple[Dict[Key, Tuple[int, np.ndarray, Optional[float], int]], ...]:
-        """live count, per-state counts, median age and live orphans per address / prefix / netns."""
+    def _row_tables(self, now: int, interval: float) -> Tuple[RowTable, RowTable, RowTable]:
+        """Each table's tracked keys joined with the live table's per-key tallies."""
         live = self.live
-        if not len(live):
-            return {}, {}, {}
         ks = self.opt.keys
         words = ks.words(live)
         states = state_codes(live)
-        age = np.where(
-            (live["flags"] & abi.FLAG_START_KNOWN) != 0, (now - live["start_boot_ns"].astype(np.int64)) / NS, np.nan
-        )
-        orphan = (live["flags"] & _FLAG_ORPHANED_LIVE) != 0
+        age = np.where((live["flags"] & abi.FLAG_START_KNOWN) != 0, (now - live["start_boot_ns"].astype(np.int64)) / NS, np.nan)
+        orphan = ((live["flags"] & _FLAG_ORPHANED_LIVE) != 0).astype(np.float64)
         out = []
-        for kw in (words, ks.prefix_words(words), ks.netns_words(words)):
-            rep, gid = group_rows(kw)
-            m = len(rep)
-            st = np.zeros((m, len(STATE_NAMES)), dtype=np.int64)
-            np.add.at(st, (gid, states), 1)
-            cnt = st.sum(axis=1)
-            orph = np.bincount(gid, weights=orphan, minlength=m).astype(np.int64)
-            med = _group_medians(gid, age, m)
-            k0, k1, k2 = (w[rep].tolist() for w in kw)
-            out.append({(k0[g], k1[g], k2[g]): (int(cnt[g]), st[g], med[g], int(orph[g])) for g in range(m)})
-        return tuple(out)
+        for table, kw in ((self.ips, words), (self.prefixes, ks.prefix_words(words)), (self.netns, ks.netns_words(words))):
+            out.append(self._row_table(table, kw, states, age, orphan, interval))
+            table.prev = table.counts[:, [_C["created"], _C["destroyed"]]].copy()
+        return out[0], out[1], out[2]
 
-    def _rows(self, cache: _Tracked, live: Dict[Key, Any], interval: float) -> Tuple[Row, ...]:
-        rows = []
-        by = self.opt.keys.by
-        for key, acc in cache.items():
-            c = acc.counts
-            n_live, st, med, orph_live = live.get(key, (0, None, None, 0))
-            created, destroyed = int(c[_C["created"]]), int(c[_C["destroyed"]])
-            rows.append(
-                Row(
-                    key=key,
-                    label=label(key, by),
-                    netns=netns_of(key),
-                    live=n_live,
-                    created=created,
-                    destroyed=destroyed,
-                    removals={r: int(c[_C["rm:" + r]]) for r in REMOVAL_REASONS if c[_C["rm:" + r]]},
-                    orphans=int(c[_C["orphans:socket-closed"]] + c[_C["orphans:expired-established"]]),
-                    orphans_live=orph_live,
-                    drops=int(c[_C["drops"]]),
-                    states={} if st is None else {STATE_NAMES[i]: int(v) for i, v in enumerate(st) if v},
-                    new_per_s=(created - acc.prev[0]) / interval if interval else 0.0,
-                    gone_per_s=(destroyed - acc.prev[1]) / interval if interval else 0.0,
-                    median_age_s=None if med is None or math.isnan(med) else float(med),
-                    drop_samples=tuple(acc.samples or ()),
-                )
-            )
-        rows.sort(key=lambda r: (-r.live, -r.created, -r.drops, r.label))
-        return tuple(rows)
+    def _row_table(self, table: KeyTable, live_words: List[np.ndarray], states: np.ndarray, age: np.ndarray,
+                   orphan: np.ndarray, interval: float) -> RowTable:
+        n = len(table)
+        rep, gid = group_rows([np.concatenate([a, b]) for a, b in zip(table.words, live_words)])
+        g = len(rep)
+        tid, lid = gid[:n], gid[n:]
+        ns = len(STATE_NAMES)
+        st = np.bincount(lid * ns + states, minlength=g * ns).reshape(g, ns)[tid]
+        orph = np.bincount(lid, weights=orphan, minlength=g)[tid].astype(np.int64)
+        med = _group_medians(lid, age, g)[tid]
+        c = table.counts
+        created, destroyed = c[:, _C["created"]], c[:, _C["destroyed"]]
+        per_s = (lambda now_, prev_: (now_ - prev_) / interval) if interval else (lambda now_, prev_: np.zeros(n))
+        r0 = _C["rm:" + REMOVAL_REASONS[0]]
+        samples = {k: tuple(v) for k, v in table.samples.items()}
+        return RowTable(
+            by=self.opt.keys.by, words=tuple(table.words), live=st.sum(axis=1), created=created, destroyed=destroyed,
+            orphans=c[:, _C["orphans:socket-closed"]] + c[:, _C["orphans:expired-established"]], orphans_live=orph,
+            drops=c[:, _C["drops"]], new_per_s=per_s(created, table.prev[:, 0]), gone_per_s=per_s(destroyed, table.prev[:, 1]),
+            median_age_s=med, states=st, removals=c[:, r0 : r0 + len(REMOVAL_REASONS)],
+            state_names=STATE_NAMES, removal_names=REMOVAL_REASONS, samples=samples,
+        )
 
 
-def _group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> List[Optional[float]]:
-    """Median of the non-NaN values of each group (None where a group has none)."""
+def _group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> np.ndarray:
+    """Median of the non-NaN values of each of m groups (NaN where a group has none)."""
+    out = np.full(m, np.nan)
     ok = ~np.isnan(values)
     g, v = gid[ok], values[ok]
-    out: List[Optional[float]] = [None] * m
     if not len(g):
         return out
     order = np.lexsort((v, g))
     g, v = g[order], v[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     ends = np.r_[starts[1:], len(g)]
-    lo = v[starts + (ends - starts - 1) // 2]
-    hi = v[starts + (ends - starts) // 2]
-    for gi, a, b in zip(g[starts].tolist(), lo.tolist(), hi.tolist()):
-        out[gi] = (a + b) / 2
+    out[g[starts]] = (v[starts + (ends - starts - 1) // 2] + v[starts + (ends - starts) // 2]) / 2
     return out
 
 

@@ -29,17 +29,13 @@ def _row(r: Row, name: str) -> Dict[str, Any]:
     }
 
 
-def _limit(rows: Sequence[Row], top: Optional[int]) -> Sequence[Row]:
-    return rows if top is None else rows[:top]
-
-
 def to_json(s: Snapshot, top: Optional[int] = None, damage: Sequence[str] = ()) -> Dict[str, Any]:
     ins, exp = s.rates(window=False)
     d = s.duration_s
     ttf = s.time_to_full_s(window=False)
     drops: List[Dict[str, Any]] = [
         {"ip": r.label, "netns": r.netns, "count": r.drops, "samples": list(r.drop_samples)}
-        for r in sorted((r for r in s.ips if r.drops), key=lambda r: (-r.drops, r.label))
+        for r in s.ips.top(top, sort="drops", where=lambda t: t.drops > 0)
     ]
     return {
         "schema": SCHEMA,
@@ -70,12 +66,12 @@ def to_json(s: Snapshot, top: Optional[int] = None, damage: Sequence[str] = ()) 
         "removals": dict(s.removals),
         "lifetimes": s.lifetimes,
         "orphans_by_kind": dict(s.orphans_by_kind),
-        "ips": [_row(r, "ip") for r in _limit(s.ips, top)],
-        "prefixes": [_row(r, "prefix") for r in _limit(s.prefixes, top)],
+        "ips": [_row(r, "ip") for r in s.ips.top(top)],
+        "prefixes": [_row(r, "prefix") for r in s.prefixes.top(top)],
         "netns": [_row(r, "netns_label") for r in s.netns],
         "orphans": list(s.orphans),
         "orphans_total": sum(s.orphans_by_kind.values()),
-        "drops": drops if top is None else drops[:top],
+        "drops": drops,
         "drops_by_reason": dict(s.drops_by_reason),
         "untracked": dict(s.untracked),
         "kernel_counters": dict(s.kernel_counters),

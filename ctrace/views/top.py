@@ -3,26 +3,18 @@ inputs always give the same lines; keys change the view state, never the model."
 
 import dataclasses
 import datetime
-from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ctrace.keys import EventFilter, KeySpace, label, netns_of, parse_filter
+from ctrace.keys import EventFilter, KeySpace, parse_filter
+from ctrace.keytable import RowTable
 from ctrace.model import Row, Snapshot
 from ctrace.grouping import group_rows
 
 GROUPS = ("ip", "prefix", "wide", "netns")
 GROUP_TITLES = {"ip": "ADDRESS", "prefix": "PREFIX", "wide": "PREFIX", "netns": "NETNS"}
-SORTS: Dict[str, Callable[[Row], float]] = {
-    "live": lambda r: r.live,
-    "new/s": lambda r: r.new_per_s,
-    "gone/s": lambda r: r.gone_per_s,
-    "estab": lambda r: r.states.get("ESTABLISHED", 0),
-    "orphans": lambda r: r.orphans,
-    "drops": lambda r: r.drops,
-    "age": lambda r: r.median_age_s or 0.0,
-}
+SORTS = ("live", "new/s", "gone/s", "estab", "orphans", "drops", "age")
 WIDE_V4, WIDE_V6 = 16, 48
 
 HELP = """\
@@ -82,7 +74,7 @@ def handle_key(state: ViewState, key: str) -> Tuple[ViewState, Optional[str]]:
     if key in ("h", "?"):
         return rep(state, help=True), None
     if key in ("s", "S"):
-        return rep(state, sort=_cycle(list(SORTS), state.sort, 1 if key == "s" else -1)), None
+        return rep(state, sort=_cycle(SORTS, state.sort, 1 if key == "s" else -1)), None
     if key in ("g", "G"):
         return rep(state, group=_cycle(GROUPS, state.group, 1 if key == "g" else -1)), None
     if key in ("p", " "):
@@ -112,42 +104,36 @@ def _eta(v: Optional[float]) -> str:
     return "never" if v is None else "FULL" if v <= 0 else _age(v)
 
 
-def wide_rows(prefix_rows: Sequence[Row], by: str) -> Tuple[Row, ...]:
+def wide_table(prefixes: RowTable) -> RowTable:
     """Roll /24 (/64) prefix rows up to /16 (/48). Ages are not additive: left out."""
-    if not prefix_rows:
-        return ()
-    words = [np.array([r.key[i] for r in prefix_rows], dtype=np.uint64) for i in range(3)]
-    wide = KeySpace(by=by, prefix_v4=WIDE_V4, prefix_v6=WIDE_V6).prefix_words(words)
+    wide = KeySpace(by=prefixes.by, prefix_v4=WIDE_V4, prefix_v6=WIDE_V6).prefix_words(list(prefixes.words))
     rep, gid = group_rows(wide)
-    out = []
-    for g in range(len(rep)):
-        members = [r for r, i in zip(prefix_rows, gid.tolist()) if i == g]
-        key = tuple(int(w[rep[g]]) for w in wide)
-        states: Counter = Counter()
-        removals: Counter = Counter()
-        for r in members:
-            states.update(r.states)
-            removals.update(r.removals)
-        out.append(Row(
-            key=key, label=label(key, by), netns=netns_of(key),
-            live=sum(r.live for r in members), created=sum(r.created for r in members),
-            destroyed=sum(r.destroyed for r in members), removals=dict(removals),
-            orphans=sum(r.orphans for r in members), orphans_live=sum(r.orphans_live for r in members),
-            drops=sum(r.drops for r in members), states=dict(states),
-            new_per_s=sum(r.new_per_s for r in members), gone_per_s=sum(r.gone_per_s for r in members),
-            median_age_s=None,
-        ))
-    return tuple(out)
+    g = len(rep)
+
+    def total(col: np.ndarray) -> np.ndarray:
+        if col.ndim == 2:
+            return np.stack([total(col[:, i]) for i in range(col.shape[1])], axis=1) if col.shape[1] else col[:g]
+        return np.bincount(gid, weights=col, minlength=g).astype(col.dtype)
+
+    return RowTable(
+        by=prefixes.by, words=tuple(w[rep] for w in wide), live=total(prefixes.live), created=total(prefixes.created),
+        destroyed=total(prefixes.destroyed), orphans=total(prefixes.orphans), orphans_live=total(prefixes.orphans_live),
+        drops=total(prefixes.drops), new_per_s=total(prefixes.new_per_s), gone_per_s=total(prefixes.gone_per_s),
+        median_age_s=np.full(g, np.nan), states=total(prefixes.states), removals=total(prefixes.removals),
+        state_names=prefixes.state_names, removal_names=prefixes.removal_names,
+    )
 
 
-def rows_for(s: Snapshot, state: ViewState) -> List[Row]:
-    rows = {"ip": s.ips, "prefix": s.prefixes, "netns": s.netns}.get(state.group)
-    if rows is None:
-        rows = wide_rows(s.prefixes, s.by)
+def table_for(s: Snapshot, group: str) -> RowTable:
+    return {"ip": s.ips, "prefix": s.prefixes, "netns": s.netns}.get(group) or wide_table(s.prefixes)
+
+
+def rows_for(s: Snapshot, state: ViewState, limit: Optional[int] = None) -> List[Row]:
+    """The rows to show: grouped, filtered by address text, sorted; only `limit` are built."""
+    where = None
     if state.addr:
-        rows = [r for r in rows if state.addr in r.label]
-    key = SORTS[state.sort]
-    return sorted(rows, key=lambda r: -key(r))  # stable: ties keep the model's order
+        where = lambda t: np.array([state.addr in name for name in t.labels()], dtype=bool)  # noqa: E731
+    return table_for(s, state.group).top(limit, state.sort, where)
 
 
 def header_lines(s: Snapshot, width: int = 80, state: ViewState = ViewState()) -> List[str]:
@@ -203,11 +189,11 @@ def render_screen(s: Snapshot, state: ViewState = ViewState(), width: int = 80, 
     elif state.message:
         status = [state.message[:width]]
     room = (height - len(head) - len(status) - 1) if height else 20
-    body = table_lines(rows_for(s, state), width, max(0, room), GROUP_TITLES[state.group])
+    body = table_lines(rows_for(s, state, max(0, room)), width, max(0, room), GROUP_TITLES[state.group])
     return head + body + status
 
 
 def render_frame(s: Snapshot, width: int = 80, limit: int = 20, group: str = "ip") -> str:
     """One plain-text frame (non-interactive top, replay to a pipe)."""
     state = ViewState(group=group)
-    return "\n".join(header_lines(s, width, state) + [""] + table_lines(rows_for(s, state), width, limit, GROUP_TITLES[group])) + "\n"
+    return "\n".join(header_lines(s, width, state) + [""] + table_lines(rows_for(s, state, limit), width, limit, GROUP_TITLES[group])) + "\n"
