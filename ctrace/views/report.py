@@ -4,6 +4,7 @@ import datetime
 from typing import Any, Dict, List, Optional, Sequence
 
 from ctrace.model import Row, Snapshot
+from ctrace.views.units import seconds
 
 SCHEMA = "ctrace.report/1"
 
@@ -78,15 +79,6 @@ def to_json(s: Snapshot, top: Optional[int] = None, damage: Sequence[str] = ()) 
     }
 
 
-def _fmt_s(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if v >= size:
-            return f"{v / size:.1f}{unit}"
-    return f"{v:.1f}s"
-
-
 def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
     j = to_json(s, top)
     t = j["table"]
@@ -96,7 +88,7 @@ def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
         out.append(f"SYNTHETIC DATA (scenario {src['scenario']}): modelled, not traced from a kernel")
     for line in damage:
         out.append(f"WARNING: {line}")
-    out.append(f"host {src['hostname']}  kernel {src['kernel']}  {src['start']} .. {src['end']} ({_fmt_s(src['duration_s'])})")
+    out.append(f"host {src['hostname']}  kernel {src['kernel']}  {src['start']} .. {src['end']} ({seconds(src['duration_s'])})")
     ev = j["events"]
     lost = f"  LOST {ev['lost']} ({', '.join(f'{k} {v}' for k, v in ev['lost_by_cause'].items())})" if ev["lost"] else "  lost 0"
     out.append(f"events {ev['total']}{lost}")
@@ -104,7 +96,7 @@ def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
     out.append(f"entries {t['start_count']} -> {t['end_count']}{fill}, peak {t['peak_count']}")
     out.append(
         f"inserts {t['insert_rate_per_s']:.1f}/s  expiries {t['expire_rate_per_s']:.1f}/s  net {t['net_growth_per_s']:+.2f}/s"
-        f"  time to full {_fmt_s(t['time_to_full_s']) if t['time_to_full_s'] is not None else 'not growing'}"
+        f"  time to full {seconds(t['time_to_full_s']) if t['time_to_full_s'] is not None else 'not growing'}"
     )
     if j["removals"]:
         out.append("removals  " + "  ".join(f"{k} {v}" for k, v in sorted(j["removals"].items(), key=lambda kv: -kv[1])))
@@ -129,6 +121,6 @@ def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
         for o in j["orphans"][-top:]:
             out.append(
                 f"  {o['kind']:<20} {o['proto']} {o['src']}:{o['sport']} -> {o['dst']}:{o['dport']} netns {o['netns']}"
-                f" age {_fmt_s(o['age_s'])}"
+                f" age {seconds(o['age_s'])}"
             )
     return "\n".join(out) + "\n"

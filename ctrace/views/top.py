@@ -10,6 +10,7 @@ import numpy as np
 from ctrace.keys import EventFilter, KeySpace, parse_filter
 from ctrace.keytable import RowTable
 from ctrace.model import Row, Snapshot
+from ctrace.views.units import seconds
 from ctrace.grouping import group_rows
 
 GROUPS = ("ip", "prefix", "wide", "netns")
@@ -91,17 +92,8 @@ def handle_key(state: ViewState, key: str) -> Tuple[ViewState, Optional[str]]:
     return state, None
 
 
-def _age(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if v >= size:
-            return f"{v / size:.0f}{unit}"
-    return f"{v:.0f}s"
-
-
 def _eta(v: Optional[float]) -> str:
-    return "never" if v is None else "FULL" if v <= 0 else _age(v)
+    return "never" if v is None else "FULL" if v <= 0 else seconds(v, 0)
 
 
 def wide_table(prefixes: RowTable) -> RowTable:
@@ -173,7 +165,7 @@ def table_lines(rows: Sequence[Row], width: int = 80, limit: int = 20, title: st
         ns = f" {r.netns:>10}" if show_ns else ""
         out.append(
             f"{name:<{name_w}}{ns} {r.live:>7} {r.new_per_s:>7.1f} {r.gone_per_s:>7.1f} {est:>6} {tw:>6} {r.live - est - tw:>6}"
-            f" {r.orphans:>5} {r.drops:>5} {_age(r.median_age_s):>5}"[:width]
+            f" {r.orphans:>5} {r.drops:>5} {seconds(r.median_age_s, 0):>5}"[:width]
         )
     return out
 
