@@ -735,12 +735,20 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
         return e.code
 
 
+def guest_pytest_args(args: Sequence[str]) -> List[str]:
+    """pytest arguments for the guest; ``tests/kernel`` unless a path is given
+    (so ``-- -k flush`` selects among the kernel tests, not the whole tree)."""
+    if any(a.startswith("tests") or "/" in a or a.endswith(".py") for a in args):
+        return list(args)
+    return ["tests/kernel", *args]
+
+
 def cmd_run(args: argparse.Namespace, suites: Sequence[str], results_dir: Path,
             out: TextIO) -> int:
     if shutil.which("qemu-system-x86_64") is None:
         raise LabError("qemu-system-x86_64 not found: apt-get install qemu-system-x86",
                        EXIT_USAGE)
-    pytest_args = list(args.pytest_args) or ["tests/kernel"]
+    pytest_args = guest_pytest_args(args.pytest_args)
     results: List[KernelResult] = []
     images: Dict[str, Image] = {}
     for s in suites:

@@ -241,3 +241,11 @@ def test_usage_error_exit_code(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         lab.main(["run", "--suite", "buster"])
     assert e.value.code == lab.EXIT_USAGE
+
+
+def test_guest_pytest_args() -> None:
+    assert lab.guest_pytest_args([]) == ["tests/kernel"]
+    assert lab.guest_pytest_args(["-k", "flush", "-x"]) == ["tests/kernel", "-k", "flush", "-x"]
+    assert lab.guest_pytest_args(["tests/kernel/probes", "-x"]) == ["tests/kernel/probes", "-x"]
+    assert lab.guest_pytest_args(["tests/kernel/test_bcc_smoke.py::test_tracepoint_fires"]) == [
+        "tests/kernel/test_bcc_smoke.py::test_tracepoint_fires"]
