@@ -264,7 +264,7 @@ def test_orphans_then_established_timeout(live) -> None:  # type: ignore[no-unty
             closed_at = time.monotonic()
             close_client_only(conns, rst=True)
             time.sleep(2)
-            dump("orphans", col.select(ino, None, since=t0), f"sock_stats={src.sock_stats()} keys={src.debug_keys()} conns={[c.tuple for c in conns]}")
+            dump("orphans", col.select(ino, None, since=t0), f"sock_stats={src.sock_stats()} conns={[c.tuple for c in conns]}")
             col.wait(lambda: len(col.select(ino, abi.Kind.ORPHAN, since=t0)) >= len(conns), 5, "ORPHAN events")
             took = time.monotonic() - closed_at
             o = col.select(ino, abi.Kind.ORPHAN, since=t0)
