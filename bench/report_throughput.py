@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from ctrace import abi, recording  # noqa: E402
 from ctrace.model import ModelOptions, _R, REMOVAL_REASONS  # noqa: E402
-from ctrace.pipeline import fold_recording  # noqa: E402
+from ctrace.pipeline import fold_file  # noqa: E402
 from ctrace.sources import synthetic  # noqa: E402
 from ctrace.views import report  # noqa: E402
 
@@ -48,9 +48,9 @@ def build(path: str, events: int) -> int:
 
 
 def vectorised(path: str) -> Dict[str, Any]:
-    rec = recording.read(path)
-    model, src = fold_recording(rec, ModelOptions())
-    return report.to_json(model.snapshot(src.end_boot_ns()))
+    """What `ctrace report --json` does."""
+    model, _, end = fold_file(path, ModelOptions())
+    return report.to_json(model.snapshot(end))
 
 
 def per_event_loop(path: str) -> Dict[str, Any]:
@@ -112,7 +112,9 @@ def main() -> None:
         t = time.perf_counter()
         n = build(path, args.events)
         print(f"built {path}: {n} records, {os.path.getsize(path) / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s")
-    n = len(recording.read(path).events) + len(recording.read(path).existing)
+    reader = recording.open_reader(path)
+    n = len(reader.existing()) + sum(len(b) for b in reader.batches())
+    reader.close()
     a_rates, b_rates, ratios = [], [], []
     for i in range(args.pairs):
         t = time.perf_counter()

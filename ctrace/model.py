@@ -69,7 +69,32 @@ _KEYED_LUT[K.STATE] = False
 _LIVE_KIND = 0  # kind value of live-table rows inside a merge
 
 
-def removal_reasons(ev: np.ndarray) -> np.ndarray:
+class _Cols:
+    """The fields of records ev[idx], each gathered on first use: no record copies
+    (fresh memory for whole records is the dearest thing a batch can ask for)."""
+
+    def __init__(self, ev: np.ndarray, idx: Optional[np.ndarray] = None) -> None:
+        self.ev, self.idx = ev, idx
+        self._cache: Dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ev) if self.idx is None else len(self.idx)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        col = self._cache.get(name)
+        if col is None:
+            col = self.ev[name] if self.idx is None else self.ev[name][self.idx]
+            self._cache[name] = col
+        return col
+
+    def sub(self, sel: np.ndarray) -> "_Cols":
+        return _Cols(self.ev, sel if self.idx is None else self.idx[sel])
+
+    def record(self, i: int) -> np.void:
+        return self.ev[i if self.idx is None else self.idx[i]]
+
+
+def removal_reasons(ev: Any) -> np.ndarray:
     """DESTROY records -> index into REMOVAL_REASONS (mechanism + protocol + state at removal)."""
     mech, tcp, st = ev["reason"], ev["l4proto"] == abi.IPPROTO_TCP, ev["ct_state"]
     T = abi.TcpState
@@ -244,7 +269,7 @@ class Model:
             self._merge_entries(ev, entry)
         keyed = np.flatnonzero(_KEYED_LUT[kind])
         if len(keyed):
-            self._count_keys(ev[keyed] if len(keyed) < len(ev) else ev)
+            self._count_keys(_Cols(ev, keyed if len(keyed) < len(ev) else None))
 
     def _merge_entries(self, ev: np.ndarray, sel: np.ndarray) -> None:
         """Fold entry records ev[sel] into the live table: for every entry id, the last
@@ -306,7 +331,7 @@ class Model:
         new_live["kind"] = K.EXISTING
         self.live = new_live
 
-    def _count_keys(self, ev: np.ndarray) -> None:
+    def _count_keys(self, ev: "_Cols") -> None:
         """Per-address, per-prefix and per-netns counters, plus global tallies."""
         kind = ev["kind"]
         n = len(ev)
@@ -323,7 +348,7 @@ class Model:
         destroy = np.flatnonzero(kind == K.DESTROY)
         expired = np.empty(0, dtype=np.int64)
         if len(destroy):
-            d = ev[destroy] if len(destroy) < len(ev) else ev
+            d = ev.sub(destroy)
             r = removal_reasons(d)
             add(destroy, _C["destroyed"])
             add(destroy, _C["rm:" + REMOVAL_REASONS[0]] + r)
@@ -369,7 +394,7 @@ class Model:
         self._rollup(self.prefixes, ks.prefix_words(rep_words), per_key, seen)
         self._rollup(self.netns, ks.netns_words(rep_words), per_key, seen)
 
-    def _keep_drop_samples(self, ev: np.ndarray, drop: np.ndarray, gid: np.ndarray, where: np.ndarray) -> None:
+    def _keep_drop_samples(self, ev: "_Cols", drop: np.ndarray, gid: np.ndarray, where: np.ndarray) -> None:
         """The latest refused tuple of each address in this batch, a few per address."""
         _, last = first_last(gid[drop], int(gid.max()) + 1)
         for g in np.flatnonzero(last >= 0).tolist():
@@ -380,7 +405,7 @@ class Model:
             q = self.ips.samples.get(key)
             if q is None:
                 q = self.ips.samples[key] = bounded_samples(self.opt.drop_samples)
-            q.append(_tuple_dict(ev[drop[last[g]]]))
+            q.append(_tuple_dict(ev.record(drop[last[g]])))
 
     @staticmethod
     def _rollup(table: KeyTable, kw: List[np.ndarray], per_key: np.ndarray, seen: np.ndarray) -> None:
@@ -404,14 +429,14 @@ class Model:
         for s in [s for s in self._per_sec if s < horizon]:
             del self._per_sec[s]
 
-    def _remember_orphans(self, ev: np.ndarray, closed: np.ndarray, expired: np.ndarray) -> None:
+    def _remember_orphans(self, ev: "_Cols", closed: np.ndarray, expired: np.ndarray) -> None:
         both = np.concatenate([closed, expired])
         order = np.argsort(both, kind="stable")
         is_closed = np.concatenate([np.ones(len(closed), bool), np.zeros(len(expired), bool)])[order]
         both = both[order]
         keep = self.opt.orphan_list_max
         for i, c in zip(both[-keep:].tolist(), is_closed[-keep:].tolist()):
-            r = ev[i]
+            r = ev.record(i)
             d = _tuple_dict(r)
             start = int(r["start_boot_ns"])
             known = bool(r["flags"] & abi.FLAG_START_KNOWN)

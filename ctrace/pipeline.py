@@ -1,37 +1,44 @@
 """Wiring shared by commands: read a recording, fold it into a model, say what was damaged."""
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple, Union
 
 from ctrace import recording
 from ctrace.env import Environment
 from ctrace.model import Model, ModelOptions
-from ctrace.sources.replay import ReplaySource
 from ctrace.status import ExitStatus
+
+Damaged = Union[recording.Recording, recording.Reader]
 
 
 def open_recording(path: str) -> recording.Recording:
     return recording.read(path)
 
 
-def damage_lines(rec: recording.Recording) -> List[str]:
+def damage_lines(rec: Damaged) -> List[str]:
     return [d.message for d in rec.damage]
 
 
-def damage_status(rec: recording.Recording) -> ExitStatus:
+def damage_status(rec: Damaged) -> ExitStatus:
     """OK for a whole recording, else the status of the first damage found."""
     return rec.damage[0].error().status if rec.damage else ExitStatus.OK
 
 
-def warn_damage(env: Environment, rec: recording.Recording) -> None:
+def warn_damage(env: Environment, rec: Damaged) -> None:
     for line in damage_lines(rec):
         env.warn(line + " (data before it is used)")
 
 
-def fold_recording(rec: recording.Recording, options: ModelOptions) -> Tuple[Model, ReplaySource]:
-    """The whole recording folded at full speed."""
-    src = ReplaySource(rec)
-    model = Model(src.info, options)
-    model.seed(src.existing())
-    for batch in src.batches():
-        model.apply(batch)
-    return model, src
+def fold_file(path: str, options: ModelOptions, batch: int = 1 << 20) -> Tuple[Model, recording.Reader, int]:
+    """Stream a recording through a model at full speed, a batch at a time (memory stays
+    flat whatever the file's size). Returns the model, the reader (damage, trailer) and
+    where the recording ends."""
+    reader = recording.open_reader(path)
+    try:
+        model = Model(reader.info, options)
+        model.seed(reader.existing())
+        for b in reader.batches(batch):
+            model.apply(b)
+    finally:
+        reader.close()
+    end = int(reader.trailer["end_boot_ns"]) if reader.trailer and "end_boot_ns" in reader.trailer else model.now_boot_ns
+    return model, reader, end

@@ -10,16 +10,15 @@ Every chunk is written with one write() call, so a recorder killed at any moment
 leaves every chunk it finished readable.
 """
 
-import errno
+import io
 import json
-import mmap
 import os
 import socket
 import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -190,137 +189,202 @@ class Recording:
         return not self.damage
 
 
-def _open_map(path: str) -> Tuple[Any, int]:
+def _open_file(path: str) -> Tuple[BinaryIO, int]:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        f = open(path, "rb", buffering=1 << 20)
     except FileNotFoundError:
         raise CtraceError(f"{path}: no such file", ExitStatus.NO_INPUT) from None
     except IsADirectoryError:
         raise CtraceError(f"{path}: is a directory, not a recording", ExitStatus.NO_INPUT) from None
     except OSError as exc:
         raise CtraceError(f"{path}: cannot open: {exc.strerror}", ExitStatus.NO_INPUT) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise CtraceError(f"{path}: is a directory, not a recording", ExitStatus.NO_INPUT)
-        size = st.st_size
-        if size == 0:
-            return b"", 0
+    st = os.fstat(f.fileno())
+    if stat.S_ISDIR(st.st_mode):
+        f.close()
+        raise CtraceError(f"{path}: is a directory, not a recording", ExitStatus.NO_INPUT)
+    return f, st.st_size
+
+
+class Reader:
+    """Streams a recording: the header at once, then the initial snapshot, then events
+    in batches of whole records. Damage is recorded, not raised, once the header is
+    sound: every chunk whose head and payload check out is delivered."""
+
+    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
+        self.f, self.size, self.path = f, size, path
+        self.pos = 0
+        self.damage: List[Damage] = []
+        self.trailer: Optional[Dict[str, Any]] = None
+        self.skipped_chunks = 0
+        self._buf = bytearray(0)
+        self._pending: Optional[Tuple[bytes, memoryview]] = None
+        self._done = False
+        self.major, self.minor, self.header = self._read_header()
+        self.record_size = int(self.header["record_size"])
+        self.info = SourceInfo.from_json(self.header)
+
+    def _read(self, n: int) -> memoryview:
+        if len(self._buf) < n:
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:n]
+        got = self.f.readinto(view) or 0
+        while got < n:
+            more = self.f.readinto(view[got:]) or 0
+            if not more:
+                break
+            got += more
+        self.pos += got
+        return view[:got]
+
+    def _read_header(self) -> Tuple[int, int, Dict[str, Any]]:
+        path, size = self.path, self.size
+        pre = bytes(self._read(PREAMBLE.size))
+        if len(pre) < PREAMBLE.size:
+            if pre[:8] == MAGIC[: min(len(pre), 8)]:
+                raise TruncatedRecording(f"{path}: truncated inside the file header ({size} bytes)")
+            raise CorruptRecording(f"{path}: not a ctrace recording (bad magic)")
+        magic, major, minor, hlen = PREAMBLE.unpack(pre)
+        if magic != MAGIC:
+            raise CorruptRecording(f"{path}: not a ctrace recording (bad magic)")
+        if major > MAJOR:
+            raise NewerRecording(
+                f"{path}: recording format {major}.{minor} is newer than this ctrace reads ({MAJOR}.{MINOR}); upgrade ctrace"
+            )
+        if major < 1 or hlen > MAX_HEADER:
+            raise CorruptRecording(f"{path}: corrupt file header (version {major}.{minor}, header length {hlen})")
+        blob = bytes(self._read(hlen + 4))
+        if len(blob) < hlen + 4:
+            raise TruncatedRecording(f"{path}: truncated inside the file header")
+        (crc,) = struct.unpack_from("<I", blob, hlen)
+        if zlib.crc32(blob[:hlen]) != crc:
+            raise CorruptRecording(f"{path}: corrupt file header (CRC mismatch)")
         try:
-            return mmap.mmap(fd, size, prot=mmap.PROT_READ), size
-        except (OSError, ValueError) as exc:
-            if getattr(exc, "errno", None) == errno.ENODEV or isinstance(exc, ValueError):
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    data = f.read()
-                return data, len(data)
-            raise CtraceError(f"{path}: cannot read: {exc}", ExitStatus.NO_INPUT) from None
-    finally:
-        os.close(fd)
+            header = json.loads(blob[:hlen].decode())
+            if not isinstance(header, dict):
+                raise ValueError("not an object")
+            record_size = int(header["record_size"])
+            if record_size < abi.EVENT_SIZE:
+                raise ValueError(f"record size {record_size}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptRecording(f"{path}: corrupt file header ({exc})") from None
+        return major, minor, header
+
+    def _next_records(self) -> Optional[Tuple[bytes, memoryview]]:
+        """The next sound chunk of records (EXST or EVNT); handles trailers, unknown
+        types and damage on the way. None at the end."""
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+            return item
+        path = self.path
+        while not self._done:
+            at = self.pos
+            head = bytes(self._read(CHUNK_HEAD.size))
+            if not head:
+                self._done = True
+                if self.trailer is None and not self.damage:
+                    self.damage.append(Damage("truncated", at, f"{path}: ends without a trailer (recorder did not close it); all complete chunks used"))
+                return None
+            if len(head) < CHUNK_HEAD.size:
+                self.damage.append(Damage("truncated", at, f"{path}: truncated at byte {self.pos} inside a chunk header"))
+                break
+            ctype, plen, pcrc, hcrc = CHUNK_HEAD.unpack(head)
+            if zlib.crc32(head[:12]) != hcrc or plen > MAX_PAYLOAD:
+                self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk header at byte {at}"))
+                break
+            payload = self._read(plen)
+            if len(payload) < plen:
+                self.damage.append(Damage("truncated", at, f"{path}: truncated at byte {self.pos} inside a chunk of {plen} bytes at byte {at}"))
+                break
+            if zlib.crc32(payload) != pcrc:
+                self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk at byte {at} (CRC mismatch), skipped"))
+                self.skipped_chunks += 1
+                continue
+            if self.trailer is not None:
+                self.damage.append(Damage("corrupt", at, f"{path}: data after the trailer at byte {at}, ignored"))
+                break
+            if ctype in (T_EXISTING, T_EVENTS):
+                if plen % self.record_size:
+                    self.damage.append(Damage("corrupt", at, f"{path}: chunk at byte {at} is not whole records, skipped"))
+                    continue
+                return ctype, payload
+            if ctype == T_TRAILER:
+                try:
+                    trailer = json.loads(bytes(payload).decode())
+                    if not isinstance(trailer, dict):
+                        raise ValueError
+                    self.trailer = trailer
+                except ValueError:
+                    self.damage.append(Damage("corrupt", at, f"{path}: unreadable trailer at byte {at}"))
+            # unknown chunk types from newer minor versions are skipped
+        self._done = True
+        return None
+
+    def existing(self) -> np.ndarray:
+        """The initial snapshot (the EXST chunks the writer puts first)."""
+        parts = []
+        while True:
+            item = self._next_records()
+            if item is None:
+                break
+            if item[0] != T_EXISTING:
+                self._pending = item
+                break
+            parts.append(abi.decode(item[1], self.record_size).copy())
+        return np.concatenate(parts) if parts else abi.empty(0)
+
+    def batches(self, max_records: int = 1 << 20) -> Iterator[np.ndarray]:
+        """Events in batches of up to max_records (more only when one chunk is larger).
+        A batch is valid until the next one is asked for: copy what you keep."""
+        out = abi.empty(max_records)
+        n = 0
+        while True:
+            item = self._next_records()
+            if item is None:
+                break
+            recs = abi.decode(item[1], self.record_size)
+            if n + len(recs) > max_records and n:
+                yield out[:n]
+                n = 0
+            if len(recs) > max_records:
+                yield recs.copy()
+                continue
+            out[n : n + len(recs)] = recs
+            n += len(recs)
+        if n:
+            yield out[:n]
+
+    def close(self) -> None:
+        self.f.close()
 
 
-def _read_header(buf: Any, size: int, path: str) -> Tuple[int, int, Dict[str, Any], int]:
-    if size < PREAMBLE.size:
-        if bytes(buf[: min(size, 8)]) == MAGIC[: min(size, 8)]:
-            raise TruncatedRecording(f"{path}: truncated inside the file header ({size} bytes)")
-        raise CorruptRecording(f"{path}: not a ctrace recording (bad magic)")
-    magic, major, minor, hlen = PREAMBLE.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise CorruptRecording(f"{path}: not a ctrace recording (bad magic)")
-    if major > MAJOR:
-        raise NewerRecording(
-            f"{path}: recording format {major}.{minor} is newer than this ctrace reads ({MAJOR}.{MINOR}); upgrade ctrace"
-        )
-    if major < 1 or hlen > MAX_HEADER:
-        raise CorruptRecording(f"{path}: corrupt file header (version {major}.{minor}, header length {hlen})")
-    end = PREAMBLE.size + hlen + 4
-    if end > size:
-        raise TruncatedRecording(f"{path}: truncated inside the file header")
-    blob = bytes(buf[PREAMBLE.size : PREAMBLE.size + hlen])
-    (crc,) = struct.unpack_from("<I", buf, PREAMBLE.size + hlen)
-    if zlib.crc32(blob) != crc:
-        raise CorruptRecording(f"{path}: corrupt file header (CRC mismatch)")
+def open_reader(path: str) -> Reader:
+    f, size = _open_file(path)
     try:
-        header = json.loads(blob.decode())
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-        record_size = int(header["record_size"])
-        if record_size < abi.EVENT_SIZE:
-            raise ValueError(f"record size {record_size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptRecording(f"{path}: corrupt file header ({exc})") from None
-    return major, minor, header, end
+        return Reader(f, size, path)
+    except BaseException:
+        f.close()
+        raise
 
 
-def _chunks(buf: Any, size: int, pos: int, path: str) -> Iterator[Tuple[bytes, int, int, Optional[Damage], bool]]:
-    """Yield (type, payload offset, payload length, damage, payload ok) for each chunk;
-    stop at the first chunk whose head is unreadable."""
-    while pos < size:
-        if size - pos < CHUNK_HEAD.size:
-            yield b"", pos, 0, Damage("truncated", pos, f"{path}: truncated at byte {size} inside a chunk header"), False
-            return
-        ctype, plen, pcrc, hcrc = CHUNK_HEAD.unpack_from(buf, pos)
-        if zlib.crc32(buf[pos : pos + 12]) != hcrc or plen > MAX_PAYLOAD:
-            yield b"", pos, 0, Damage("corrupt", pos, f"{path}: corrupt chunk header at byte {pos}"), False
-            return
-        start = pos + CHUNK_HEAD.size
-        if start + plen > size:
-            yield ctype, start, plen, Damage(
-                "truncated", pos, f"{path}: truncated at byte {size} inside a chunk of {plen} bytes at byte {pos}"
-            ), False
-            return
-        ok = zlib.crc32(buf[start : start + plen]) == pcrc
-        damage = None if ok else Damage("corrupt", pos, f"{path}: corrupt chunk at byte {pos} (CRC mismatch), skipped")
-        yield ctype, start, plen, damage, ok
-        pos = start + plen
+def _whole(reader: Reader) -> Recording:
+    existing = reader.existing()
+    events = [b.copy() for b in reader.batches()]
+    return Recording(
+        reader.path, reader.major, reader.minor, reader.header, reader.info, existing,
+        np.concatenate(events) if events else abi.empty(0), reader.trailer, reader.damage, reader.skipped_chunks,
+    )
 
 
 def read(path: str) -> Recording:
-    """Read a whole recording file (see parse)."""
-    buf, size = _open_map(path)
-    return parse(buf, size, path)
+    """Read a whole recording file into memory (see Reader for streaming)."""
+    reader = open_reader(path)
+    try:
+        return _whole(reader)
+    finally:
+        reader.close()
 
 
 def parse(buf: Any, size: int, path: str = "<recording>") -> Recording:
     """Decode a recording held in memory. Raises TraceFormatError if nothing is usable;
     otherwise returns every complete chunk, with `damage` saying what was lost and where."""
-    major, minor, header, pos = _read_header(buf, size, path)
-    record_size = int(header["record_size"])
-    parts: Dict[bytes, List[np.ndarray]] = {T_EXISTING: [], T_EVENTS: []}
-    trailer: Optional[Dict[str, Any]] = None
-    damage: List[Damage] = []
-    skipped = 0
-    view = memoryview(buf)
-    for ctype, start, plen, dmg, ok in _chunks(view, size, pos, path):
-        if dmg is not None:
-            damage.append(dmg)
-        if not ok:
-            if ctype and dmg is not None and dmg.kind == "corrupt":
-                skipped += 1  # its head was sound, so reading goes on after it
-            continue
-        if trailer is not None:
-            damage.append(Damage("corrupt", start, f"{path}: data after the trailer at byte {start}, ignored"))
-            break
-        if ctype in parts:
-            if plen % record_size:
-                damage.append(Damage("corrupt", start, f"{path}: chunk at byte {start} is not whole records, skipped"))
-                continue
-            parts[ctype].append(abi.decode(view[start : start + plen], record_size))
-        elif ctype == T_TRAILER:
-            try:
-                trailer = json.loads(bytes(view[start : start + plen]).decode())
-                if not isinstance(trailer, dict):
-                    raise ValueError
-            except ValueError:
-                damage.append(Damage("corrupt", start, f"{path}: unreadable trailer at byte {start}"))
-                trailer = None
-        # unknown chunk types from newer minor versions are skipped
-    if trailer is None and not damage:
-        damage.append(Damage("truncated", size, f"{path}: ends without a trailer (recorder did not close it); all complete chunks used"))
-    info = SourceInfo.from_json(header)
-
-    def join(arrs: List[np.ndarray]) -> np.ndarray:
-        if not arrs:
-            return abi.empty(0)
-        return np.concatenate(arrs) if len(arrs) > 1 else np.array(arrs[0])
-
-    return Recording(path, major, minor, header, info, join(parts[T_EXISTING]), join(parts[T_EVENTS]), trailer, damage, skipped)
+    return _whole(Reader(io.BytesIO(bytes(buf[:size])), size, path))

@@ -7,7 +7,7 @@ import click
 
 from ctrace.commands.options import build_model_options, model_options
 from ctrace.env import Environment
-from ctrace.pipeline import damage_lines, damage_status, fold_recording, open_recording, warn_damage
+from ctrace.pipeline import damage_lines, damage_status, fold_file, warn_damage
 from ctrace.status import ExitStatus
 from ctrace.views import report
 
@@ -26,10 +26,9 @@ def command(env: Environment, file: str, as_json: bool, top: Optional[int], by: 
       ctrace report incident.ctr
       ctrace report --json --top 50 incident.ctr | jq .ips
     """
-    rec = open_recording(file)
+    model, rec, end = fold_file(file, build_model_options(by, prefix4, prefix6, max_keys))
     warn_damage(env, rec)
-    model, src = fold_recording(rec, build_model_options(by, prefix4, prefix6, max_keys))
-    snap = model.snapshot(src.end_boot_ns())
+    snap = model.snapshot(end)
     if as_json:
         env.stdout.write(json.dumps(report.to_json(snap, top, damage_lines(rec)), indent=1, sort_keys=False) + "\n")
     else:

@@ -6,6 +6,9 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 SCHEMA = "ctrace.doctor/1"
+# Bumped whenever a threshold or a severity rule changes: two reports with the same
+# rules_version judge the same inputs the same way.
+RULES_VERSION = 1
 
 
 class Severity(str, Enum):

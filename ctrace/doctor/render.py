@@ -5,7 +5,7 @@ import textwrap
 from typing import Any, Dict, List, Optional
 
 from ctrace import __version__
-from ctrace.doctor.model import SCHEMA, Finding, Report
+from ctrace.doctor.model import RULES_VERSION, SCHEMA, Finding, Report
 
 WIDTH = 80
 
@@ -14,6 +14,7 @@ def to_json(report: Report, exit_code: int) -> Dict[str, Any]:
     return {
         "schema": SCHEMA,
         "ctrace_version": __version__,
+        "rules_version": RULES_VERSION,
         "source": report.source,
         "status": report.status,
         "exit_code": exit_code,
