@@ -16,7 +16,8 @@ FINDING_KEYS = {"id", "severity", "title", "detail", "evidence", "recommendation
 
 def check_schema(doc: dict) -> None:
     assert doc["schema"] == SCHEMA == "ctrace.doctor/1"
-    assert set(doc) >= {"schema", "ctrace_version", "source", "status", "exit_code", "findings", "missing",
+    assert doc["rules_version"] >= 1
+    assert set(doc) >= {"schema", "ctrace_version", "rules_version", "source", "status", "exit_code", "findings", "missing",
                         "checks", "notes", "tables"}
     assert doc["status"] in ("ok", "warning", "critical", "incomplete")
     assert {"ok": 0, "warning": 20, "critical": 21, "incomplete": 22}[doc["status"]] == doc["exit_code"]

@@ -36,8 +36,13 @@ def _by_id(doc: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 def test_bundle_from_a_real_kernel_matches_its_live_run(bundle: Path) -> None:
     live = json.loads(bundle.with_suffix(".live.json").read_text())
     rc, doc = run_json(["doctor", "--root", str(bundle)])
-    assert rc == live["exit_code"] == doc["exit_code"]
+    assert rc == doc["exit_code"]
     got, want = _by_id(doc), _by_id(live)
+    if live.get("rules_version") != doc["rules_version"]:
+        # recorded under other rules (thresholds, severities): only which findings fire must agree
+        assert set(got) == set(want)
+        return
+    assert rc == live["exit_code"]
     assert {k: v["severity"] for k, v in got.items()} == {k: v["severity"] for k, v in want.items()}
     for fid, f in want.items():
         for key in STABLE.get(fid, ()):
