@@ -80,4 +80,8 @@ def assert_subset(want: Any, got: Any, where: str) -> None:
 
 
 def test_there_are_real_kernel_bundles() -> None:
+    from ctrace.doctor.model import RULES_VERSION
+
     assert len(CASES) >= 3
+    current = [p for p in CASES if json.loads(p.with_suffix(".live.json").read_text()).get("rules_version") == RULES_VERSION]
+    assert len(current) >= 3, "refresh the fixtures under the current rules (data/README.md)"
