@@ -214,7 +214,9 @@ class Model:
     def __init__(self, info: SourceInfo, options: Optional[ModelOptions] = None) -> None:
         self.info = info
         self.opt = options or ModelOptions()
-        self.live = abi.empty(0)
+        self._slots = abi.empty(0)  # live entries, one per alive slot
+        self._alive = np.zeros(0, dtype=bool)
+        self._n_alive = 0
         self.start_boot_ns = info.start_boot_ns
         self.now_boot_ns = info.start_boot_ns
         self.start_count = 0
@@ -242,7 +244,7 @@ class Model:
     def seed(self, existing: np.ndarray) -> None:
         """The entries present when tracing began: they set the starting count."""
         self.apply(existing)
-        self.start_count = self.peak_count = len(self.live)
+        self.start_count = self.peak_count = self._n_alive
         self._seeded = True
 
     def apply(self, ev: np.ndarray) -> None:
@@ -271,15 +273,24 @@ class Model:
         if len(keyed):
             self._count_keys(_Cols(ev, keyed if len(keyed) < len(ev) else None))
 
+    @property
+    def live(self) -> np.ndarray:
+        """The live entries (a copy): the latest record of each, kind EXISTING."""
+        return self._slots[self._alive]
+
+    @property
+    def live_count(self) -> int:
+        return self._n_alive
+
     def _merge_entries(self, ev: np.ndarray, sel: np.ndarray) -> None:
         """Fold entry records ev[sel] into the live table: for every entry id, the last
         record decides whether it lives; a NEW/EXISTING record starts a new life (ids
-        are reused). Works on columns and row numbers; whole records are gathered only
-        for the entries that end up live."""
-        live = self.live
-        n_live = len(live)
+        are reused). The table is a slot array updated in place: only entries the batch
+        touches are written."""
+        slots = np.flatnonzero(self._alive)
+        n_live = len(slots)
         kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), ev["kind"][sel]])
-        rep, gid = group_rows([np.concatenate([live["ct_id"], ev["ct_id"][sel]])])
+        rep, gid = group_rows([np.concatenate([self._slots["ct_id"][slots], ev["ct_id"][sel]])])
         m = len(rep)
         first, last = first_last(gid, m)
         idx = np.arange(len(kind), dtype=np.int64)
@@ -298,38 +309,65 @@ class Model:
         if len(running):
             self.peak_count = max(self.peak_count, int(running.max()))
 
+        # Only groups whose last record is in this batch change.
+        touched = np.flatnonzero(last >= n_live)
+        had_slot = first[touched] < n_live  # live rows come first in each group
+        slot_of = np.where(had_slot, slots[np.minimum(first[touched], max(n_live - 1, 0))] if n_live else -1, -1)
+        ends_alive = kind[last[touched]] != K.DESTROY
+        freed = slot_of[had_slot & ~ends_alive]
+        self._alive[freed] = False
+        stay = had_slot & ends_alive
+        born = ~had_slot & ends_alive
+        target = slot_of.copy()
+        target[born] = self._free_slots(int(born.sum()))
+        write = stay | born
+        groups = touched[write]
+        dest = target[write]
+        last_rows = last[groups]
+        rec = ev[sel[last_rows - n_live]]
+
         def gather(field: str, rows: np.ndarray) -> np.ndarray:
-            """A column for combined row numbers (live table first, then ev[sel])."""
-            out = np.empty(len(rows), dtype=live.dtype[field] if n_live else ev.dtype[field])
+            """A column for combined row numbers (live slots first, then ev[sel])."""
+            out = np.empty(len(rows), dtype=ev.dtype[field])
             in_live = rows < n_live
-            out[in_live] = live[field][rows[in_live]]
+            out[in_live] = self._slots[field][slots[rows[in_live]]]
             out[~in_live] = ev[field][sel[rows[~in_live] - n_live]]
             return out
 
-        keep = np.flatnonzero(kind[last] != K.DESTROY)
-        last_rows = last[keep]
-        new_live = abi.empty(len(keep))
-        in_live = last_rows < n_live
-        new_live[in_live] = live[last_rows[in_live]]
-        new_live[~in_live] = ev[sel[last_rows[~in_live] - n_live]]
-        starts = seg[keep]
+        starts = seg[groups]
         has_start = starts >= 0
         start_rows = np.where(has_start, starts, last_rows)
         start_kind = kind[start_rows]
         start_flags = gather("flags", start_rows)
         born_in_stream = has_start & (start_kind == K.NEW)
-        new_live["start_boot_ns"] = np.where(born_in_stream, gather("ts_boot_ns", start_rows), gather("start_boot_ns", start_rows))
+        rec["start_boot_ns"] = np.where(born_in_stream, gather("ts_boot_ns", start_rows), gather("start_boot_ns", start_rows))
         known = (has_start & ((start_flags & abi.FLAG_START_KNOWN) != 0)) | born_in_stream
-        flags = new_live["flags"]
+        flags = rec["flags"]
         was_orphan = ((start_flags & _FLAG_ORPHANED_LIVE) != 0) | ((flags & abi.FLAG_ORPHANED) != 0)
-        orphaned = (was_orphan | (last_orphan[keep] > starts)) & (new_live["ct_state"] == abi.TcpState.ESTABLISHED)
-        orphaned &= new_live["l4proto"] == abi.IPPROTO_TCP
+        orphaned = (was_orphan | (last_orphan[groups] > starts)) & (rec["ct_state"] == abi.TcpState.ESTABLISHED)
+        orphaned &= rec["l4proto"] == abi.IPPROTO_TCP
         flags &= np.uint8(~(_FLAG_ORPHANED_LIVE | abi.FLAG_START_KNOWN) & 0xFF)
         flags |= known.astype(np.uint8) * np.uint8(abi.FLAG_START_KNOWN)
         flags |= orphaned.astype(np.uint8) * np.uint8(_FLAG_ORPHANED_LIVE)
-        new_live["flags"] = flags
-        new_live["kind"] = K.EXISTING
-        self.live = new_live
+        rec["flags"] = flags
+        rec["kind"] = K.EXISTING
+        self._slots[dest] = rec
+        self._alive[dest] = True
+        self._n_alive = int(self._alive.sum())
+
+    def _free_slots(self, n: int) -> np.ndarray:
+        """n unused slot numbers, growing the slot array (doubling) when needed."""
+        free = np.flatnonzero(~self._alive)
+        if len(free) < n:
+            old = len(self._alive)
+            size = max(1024, 2 * old, old + n - len(free))
+            grown = abi.empty(size)
+            grown[:old] = self._slots
+            alive = np.zeros(size, dtype=bool)
+            alive[:old] = self._alive
+            self._slots, self._alive = grown, alive
+            free = np.flatnonzero(~self._alive)
+        return free[:n]
 
     def _count_keys(self, ev: "_Cols") -> None:
         """Per-address, per-prefix and per-netns counters, plus global tallies."""
@@ -474,8 +512,8 @@ class Model:
             table_max=self.counters.get(abi.Counter.MAX, sysctl_max),
             buckets=self.counters.get(abi.Counter.BUCKETS, self.info.sysctls.get("nf_conntrack_buckets")),
             start_count=self.start_count,
-            count=len(self.live),
-            peak_count=max(self.peak_count, len(self.live)),
+            count=self._n_alive,
+            peak_count=max(self.peak_count, self._n_alive),
             kernel_count=self.counters.get(abi.Counter.COUNT),
             inserts=self.inserts,
             removals_total=self.removals_total,
@@ -492,7 +530,7 @@ class Model:
             drops_by_reason={r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]},
             untracked={
                 "keys_evicted": self.ips.evictions,
-                "live": len(self.live) - tracked_live,
+                "live": self._n_alive - tracked_live,
                 "created": int(ev[_C["created"]]),
                 "destroyed": int(ev[_C["destroyed"]]),
                 "drops": int(ev[_C["drops"]]),

@@ -336,20 +336,24 @@ class Reader:
         """Events in batches of up to max_records (more only when one chunk is larger).
         A batch is valid until the next one is asked for: copy what you keep."""
         out = abi.empty(max_records)
+        raw = out.view(np.uint8)
         n = 0
         while True:
             item = self._next_records()
             if item is None:
                 break
-            recs = abi.decode(item[1], self.record_size)
-            if n + len(recs) > max_records and n:
+            k = len(item[1]) // self.record_size
+            if n + k > max_records and n:
                 yield out[:n]
                 n = 0
-            if len(recs) > max_records:
-                yield recs.copy()
+            if k > max_records or self.record_size != abi.EVENT_SIZE:
+                if n:
+                    yield out[:n]
+                    n = 0
+                yield abi.decode(item[1], self.record_size).copy()
                 continue
-            out[n : n + len(recs)] = recs
-            n += len(recs)
+            raw[n * abi.EVENT_SIZE : (n + k) * abi.EVENT_SIZE] = np.frombuffer(item[1], dtype=np.uint8)
+            n += k
         if n:
             yield out[:n]
 
