@@ -694,8 +694,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    default=os.environ.get("CTRACE_LAB_ACCEL", "auto"),
                    help="auto: KVM only if a short boot probe succeeds (default)")
     r.add_argument("--timeout", type=float,
-                   default=float(os.environ.get("CTRACE_LAB_TIMEOUT", "900")),
-                   help="seconds per kernel (default 900)")
+                   default=float(os.environ.get("CTRACE_LAB_TIMEOUT", "1200")),
+                   help="seconds per kernel (default 1200)")
     r.add_argument("--jobs", "-j", type=int,
                    default=int(os.environ.get("CTRACE_LAB_JOBS", "2")),
                    help="kernels booted at once (default 2)")
