@@ -131,6 +131,17 @@ def empty(n: int) -> np.ndarray:
     return np.zeros(n, dtype=EVENT_DTYPE)
 
 
+def concat(parts: "list[np.ndarray]") -> np.ndarray:
+    """Event arrays joined, keeping EVENT_DTYPE (np.concatenate turns the big-endian
+    port fields native, which would write wrong bytes)."""
+    out = empty(sum(len(p) for p in parts))
+    pos = 0
+    for p in parts:
+        out[pos : pos + len(p)] = p
+        pos += len(p)
+    return out
+
+
 def decode(buf: bytes, record_size: int = EVENT_SIZE) -> np.ndarray:
     """Records packed at `record_size` bytes each (>= EVENT_SIZE: newer minor
     versions append fields, which are ignored) -> array of EVENT_DTYPE."""

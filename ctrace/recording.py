@@ -330,7 +330,7 @@ class Reader:
                 self._pending = item
                 break
             parts.append(abi.decode(item[1], self.record_size).copy())
-        return np.concatenate(parts) if parts else abi.empty(0)
+        return abi.concat(parts)
 
     def batches(self, max_records: int = 1 << 20) -> Iterator[np.ndarray]:
         """Events in batches of up to max_records (more only when one chunk is larger).
@@ -375,7 +375,7 @@ def _whole(reader: Reader) -> Recording:
     events = [b.copy() for b in reader.batches()]
     return Recording(
         reader.path, reader.major, reader.minor, reader.header, reader.info, existing,
-        np.concatenate(events) if events else abi.empty(0), reader.trailer, reader.damage, reader.skipped_chunks,
+        abi.concat(events), reader.trailer, reader.damage, reader.skipped_chunks,
     )
 
 

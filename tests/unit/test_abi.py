@@ -119,3 +119,11 @@ def test_decode_accepts_wider_records():
 def test_decode_refuses_narrower_records():
     with pytest.raises(ValueError):
         abi.decode(b"\0" * 100, 100)
+
+
+def test_concat_keeps_the_record_layout():
+    a = abi.empty(2)
+    a["orig_dport_be"] = [443, 53]
+    joined = abi.concat([a, a[:1]])
+    assert joined.dtype == abi.EVENT_DTYPE and joined.tobytes()[114:116] == b"\x01\xbb"
+    assert list(joined["orig_dport_be"]) == [443, 53, 443]
