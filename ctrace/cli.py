@@ -12,7 +12,7 @@ from ctrace.env import Environment
 from ctrace.status import CtraceError, ExitStatus
 
 # Each module under ctrace/commands defines one click command named `command`.
-COMMANDS = ("synth", "report", "replay", "top", "probes", "record", "doctor")
+COMMANDS = ("synth", "report", "replay", "top", "probes", "record", "doctor", "export")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
