@@ -105,7 +105,13 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--file", default=None, help="reuse (or create) this recording")
+    ap.add_argument("--only", choices=("vectorised", "loop"), default=None,
+                    help="run one side once on --file (for timing whole processes from outside)")
     args = ap.parse_args()
+    if args.only:
+        out = (vectorised if args.only == "vectorised" else per_event_loop)(args.file)
+        print(args.only, out["events"]["total"] if isinstance(out.get("events"), dict) else out["events"])
+        return
     tmp = tempfile.mkdtemp(prefix="ctrace-bench-")
     path = args.file or os.path.join(tmp, "bench.ctr")
     if not os.path.exists(path):

@@ -89,6 +89,8 @@ enum ct_tcp_state {
 #define CT_FLAG_START_KNOWN 0x01 /* start_boot_ns is the real insert time */
 #define CT_FLAG_SYNTHETIC 0x02   /* produced by a model, not a kernel */
 #define CT_FLAG_ORPHANED 0x04    /* an ORPHAN record was emitted for this entry before this one */
+#define CT_FLAG_DUMP_ID 0x08     /* EXISTING: ct_id is a listing's sequence number, not the kernel's;
+                                  * later records of the entry carry the kernel's id: match by tuple */
 /* 0x80 is reserved for user space (the model marks live orphans with it). */
 
 /* ct_event.status_raw bits used by user space (kernel enum ip_conntrack_status) */

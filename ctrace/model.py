@@ -301,16 +301,19 @@ class Model:
         last_orphan = np.full(m, -1, dtype=np.int64)
         np.maximum.at(last_orphan, gid[orphan_ev], idx[orphan_ev])
 
+        adopted = self._match_dumped(ev, sel, slots, kind, gid, first, idx, m)
+
         # Running count for the peak: +1 per birth in the stream, -1 per known removal.
         is_destroy = kind == K.DESTROY
-        unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live)
+        unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live) & ~adopted[gid]
         delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
         running = n_live + np.cumsum(delta[n_live:])
         if len(running):
             self.peak_count = max(self.peak_count, int(running.max()))
 
-        # Only groups whose last record is in this batch change.
-        touched = np.flatnonzero(last >= n_live)
+        # Only groups whose last record is in this batch change; groups that were only
+        # the continuation of a listed entry (handled above) are done.
+        touched = np.flatnonzero((last >= n_live) & ~(adopted & (seg < n_live)))
         had_slot = first[touched] < n_live  # live rows come first in each group
         slot_of = np.where(had_slot, slots[np.minimum(first[touched], max(n_live - 1, 0))] if n_live else -1, -1)
         ends_alive = kind[last[touched]] != K.DESTROY
@@ -354,6 +357,53 @@ class Model:
         self._slots[dest] = rec
         self._alive[dest] = True
         self._n_alive = int(self._alive.sum())
+
+    def _match_dumped(self, ev: np.ndarray, sel: np.ndarray, slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
+                      first: np.ndarray, idx: np.ndarray, m: int) -> np.ndarray:
+        """Entries read from a listing at start carry a sequence number, not the kernel's
+        id (FLAG_DUMP_ID). The first records the kernel sends about such an entry are
+        matched to it by netns, zone and original tuple (unique among live entries):
+        the slot takes the kernel's id, or is freed if the entry went. Returns, per
+        group, whether its leading records belonged to a listed entry."""
+        adopted = np.zeros(m, dtype=bool)
+        n_live = len(slots)
+        dumped = slots[(self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0]
+        if not len(dumped):
+            return adopted
+        stream_birth = (idx >= n_live) & ((kind == K.NEW) | (kind == K.EXISTING))
+        first_birth = np.full(m, len(kind), dtype=np.int64)
+        np.minimum.at(first_birth, gid[stream_birth], idx[stream_birth])
+        lead = (idx >= n_live) & (first[gid] >= n_live) & (idx < first_birth[gid])
+        if not lead.any():
+            return adopted
+        last_lead = np.full(m, -1, dtype=np.int64)
+        np.maximum.at(last_lead, gid[lead], idx[lead])
+        groups = np.flatnonzero(last_lead >= 0)
+        rows = sel[last_lead[groups] - n_live]
+        cand = _tuple_words(ev, rows)
+        mine = _tuple_words(self._slots, dumped)
+        rep, tid = group_rows([np.concatenate([a, b]) for a, b in zip(mine, cand)])
+        slot_of_group = np.full(len(rep), -1, dtype=np.int64)
+        slot_of_group[tid[: len(dumped)]] = dumped
+        hit = slot_of_group[tid[len(dumped):]]
+        ok = hit >= 0
+        groups, rows, hit = groups[ok], rows[ok], hit[ok]
+        if not len(groups):
+            return adopted
+        adopted[groups] = True
+        gone = ev["kind"][rows] == K.DESTROY
+        self._alive[hit[gone]] = False
+        keep_rows, keep_slots = rows[~gone], hit[~gone]
+        rec = ev[keep_rows]
+        old = self._slots[keep_slots]
+        rec["start_boot_ns"] = old["start_boot_ns"]
+        orphaned = ((old["flags"] & _FLAG_ORPHANED_LIVE) != 0) | (rec["kind"] == K.ORPHAN) | ((rec["flags"] & abi.FLAG_ORPHANED) != 0)
+        orphaned &= (rec["ct_state"] == abi.TcpState.ESTABLISHED) & (rec["l4proto"] == abi.IPPROTO_TCP)
+        flags = (old["flags"] & np.uint8(abi.FLAG_START_KNOWN)) | (orphaned.astype(np.uint8) * np.uint8(_FLAG_ORPHANED_LIVE))
+        rec["flags"] = flags
+        rec["kind"] = K.EXISTING
+        self._slots[keep_slots] = rec  # now carrying the kernel's id: later batches match by id
+        return adopted
 
     def _free_slots(self, n: int) -> np.ndarray:
         """n unused slot numbers, growing the slot array (doubling) when needed."""
@@ -604,6 +654,16 @@ def _group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> np.ndarray:
     ends = np.r_[starts[1:], len(g)]
     out[g[starts]] = (v[starts + (ends - starts - 1) // 2] + v[starts + (ends - starts) // 2]) / 2
     return out
+
+
+def _tuple_words(ev: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
+    """netns, zone, family, protocol and original tuple of ev[rows] as six uint64 words."""
+    u = np.uint64
+    w0 = ev["netns_ino"][rows].astype(u) | (ev["zone"][rows].astype(u) << u(32)) | (ev["family"][rows].astype(u) << u(48)) | (ev["l4proto"][rows].astype(u) << u(56))
+    src = np.ascontiguousarray(ev["orig_src"][rows]).view("<u8").reshape(-1, 2)
+    dst = np.ascontiguousarray(ev["orig_dst"][rows]).view("<u8").reshape(-1, 2)
+    ports = ev["orig_sport_be"][rows].astype(u) | (ev["orig_dport_be"][rows].astype(u) << u(16))
+    return [w0, src[:, 0], src[:, 1], dst[:, 0], dst[:, 1], ports]
 
 
 def _tuple_dict(r: np.void) -> Dict[str, Any]:

@@ -134,7 +134,8 @@ def parse_entries(text: str, netns: int, ts_boot_ns: int, first_id: int = 1) -> 
 
     ct_id: the kernel pointer is not visible in a listing, so EXISTING records get
     small sequential ids from `first_id` (never a kernel pointer, which has its top
-    bits set); their later DESTROY carries the pointer: match on netns + tuple.
+    bits set) and CT_FLAG_DUMP_ID; their later records carry the pointer, and the model
+    matches them on netns, zone and original tuple.
     """
     out = abi.empty(0)
     recs = []
@@ -177,6 +178,7 @@ def parse_entries(text: str, netns: int, ts_boot_ns: int, first_id: int = 1) -> 
             continue
         rec = abi.empty(1)[0]
         rec["kind"] = abi.Kind.EXISTING
+        rec["flags"] = abi.FLAG_DUMP_ID
         rec["ts_boot_ns"] = ts_boot_ns
         rec["netns_ino"] = netns
         rec["family"] = family

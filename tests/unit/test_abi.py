@@ -96,6 +96,7 @@ def test_defines_match(compiled):
     assert consts["CT_FLAG_START_KNOWN"] == abi.FLAG_START_KNOWN
     assert consts["CT_FLAG_SYNTHETIC"] == abi.FLAG_SYNTHETIC
     assert consts["CT_FLAG_ORPHANED"] == abi.FLAG_ORPHANED
+    assert consts["CT_FLAG_DUMP_ID"] == abi.FLAG_DUMP_ID
     assert consts["CT_IPS_SEEN_REPLY"] == abi.IPS_SEEN_REPLY
     assert consts["CT_IPS_ASSURED"] == abi.IPS_ASSURED
     assert consts["CT_IPS_CONFIRMED"] == abi.IPS_CONFIRMED

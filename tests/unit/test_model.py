@@ -154,3 +154,33 @@ def test_lifetime_quantiles_within_bucket_resolution():
 def test_unsorted_batches_are_ordered():
     m = fold(seq([destroy(1, 5, S.TIME_WAIT), new(1, 1)]))
     assert m.snapshot().count == 0
+
+
+def test_listed_entries_are_matched_by_tuple_then_followed_by_kernel_id():
+    m = Model(INFO)
+    dump = abi.FLAG_DUMP_ID
+    m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=1, t=0, src="10.0.0.1", sport=1111, flags=dump),
+                dict(kind=abi.Kind.EXISTING, ct_id=2, t=0, src="10.0.0.2", sport=2222, flags=dump),
+                dict(kind=abi.Kind.EXISTING, ct_id=3, t=0, src="10.0.0.3", sport=3333, flags=dump)]))
+    P1, P2 = 0xFFFF8880_00001000, 0xFFFF8880_00002000
+    m.apply(seq([
+        state(P1, 1, S.TIME_WAIT, src="10.0.0.1", sport=1111),
+        destroy(P2, 2, S.ESTABLISHED, src="10.0.0.2", sport=2222),
+        new(P2, 3, src="10.0.0.9", sport=9999),  # the kernel reuses the freed object at once
+        state(P2, 4, S.ESTABLISHED, src="10.0.0.9", sport=9999),
+    ]))
+    s = m.snapshot()
+    assert (s.start_count, s.count, s.peak_count) == (3, 3, 3)
+    assert row(s, "10.0.0.1").states == {"TIME_WAIT": 1} and row(s, "10.0.0.2").live == 0
+    assert row(s, "10.0.0.9").states == {"ESTABLISHED": 1}
+    m.apply(seq([destroy(P1, 5, S.TIME_WAIT, src="10.0.0.1", sport=1111)]))
+    s = m.snapshot()
+    assert s.count == 2 and row(s, "10.0.0.1").live == 0 and s.removals == {"timeout-established": 1, "fin": 1}
+    assert sorted(int(i) for i in m.live["ct_id"]) == [3, P2]
+
+
+def test_unlisted_unknown_entries_are_adopted():
+    m = Model(INFO)
+    m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=1, t=0, src="10.0.0.1", sport=1111, flags=abi.FLAG_DUMP_ID)]))
+    m.apply(seq([state(0xFFFF0001, 1, S.ESTABLISHED, src="10.0.0.7", sport=7777)]))
+    assert m.snapshot().count == 2
