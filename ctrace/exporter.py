@@ -108,22 +108,25 @@ _EMPTY = Page.of(b"# no snapshot published yet\n")
 class _Conn:
     __slots__ = ("sock", "inbuf", "out", "deadline", "opened", "writing")
 
-    def __init__(self, sock: socket.socket, now: float) -> None:
+    def __init__(self, sock: socket.socket, now: float, deadline: float) -> None:
         self.sock = sock
         self.inbuf = bytearray()
         self.out = memoryview(b"")
         self.opened = now
-        self.deadline = now + READ_DEADLINE_S
+        self.deadline = deadline
         self.writing = False
 
 
 class MetricsServer:
     """Serves the latest Page on /metrics from one background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_connections: int = MAX_CONNECTIONS,
+                 read_deadline_s: float = READ_DEADLINE_S, write_deadline_s: float = WRITE_DEADLINE_S) -> None:
         self.page = _EMPTY
         self.max_connections = max_connections
-        self.counts: Dict[str, int] = {o: 0 for o in OUTCOMES}
+        self.read_deadline_s = read_deadline_s
+        self.write_deadline_s = write_deadline_s
+        self.counts: Dict[str, int] = {o: 0 for o in OUTCOMES}  # written by the server thread only
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._lsock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -131,7 +134,7 @@ class MetricsServer:
             if family == socket.AF_INET6:
                 self._lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             self._lsock.bind((host, port))
-            self._lsock.listen(128)
+            self._lsock.listen(1024)
         except OSError as exc:
             self._lsock.close()
             raise CtraceError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitStatus.USAGE) from None
@@ -182,9 +185,10 @@ class MetricsServer:
                     continue
                 raise
             now = time.monotonic()
+            accept = False
             for key, mask in events:
                 if key.data is None:
-                    self._accept(now)
+                    accept = True  # after the reads: requests already here are answered first
                 elif key.data == "wake":
                     try:
                         self._wake_r.recv(64)
@@ -199,13 +203,17 @@ class MetricsServer:
                             self._write(c)
                     except OSError:
                         self._drop(c)
+            if accept:
+                self._accept(now)
             for c in [c for c in self._conns.values() if now > c.deadline]:
                 if not c.writing:
                     self.counts["timeout"] += 1
                 self._drop(c)
 
     def _accept(self, now: float) -> None:
-        for _ in range(64):
+        # A few at a time, so a connection accepted now has its request read before a
+        # flood of newer ones can make it the oldest and get it dropped.
+        for _ in range(max(1, min(16, self.max_connections // 4))):
             try:
                 sock, _ = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -217,7 +225,7 @@ class MetricsServer:
                 oldest = min(self._conns.values(), key=lambda c: (c.writing, c.opened))
                 self.counts["dropped_busy"] += 1
                 self._drop(oldest)
-            c = _Conn(sock, now)
+            c = _Conn(sock, now, now + self.read_deadline_s)
             self._conns[sock.fileno()] = c
             self._sel.register(sock, selectors.EVENT_READ, c)
 
@@ -267,7 +275,7 @@ class MetricsServer:
         c.out = memoryview(head + (b"" if head_only else body))
         c.inbuf = bytearray()
         c.writing = True
-        c.deadline = time.monotonic() + WRITE_DEADLINE_S
+        c.deadline = time.monotonic() + self.write_deadline_s
         self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
         self._write(c)
 
