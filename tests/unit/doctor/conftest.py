@@ -1,11 +1,8 @@
-"""Fixtures for doctor's host tests: a root tree under tmp_path, and doctor run
-in-process through `ctrace.cli.main` (no subprocess, no root, no BPF)."""
+"""Fixtures for doctor's host tests (helpers live in doctor_helpers.py and
+doctor_tree.py: test modules import those by name, never `conftest`)."""
 
-import io
-import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -13,45 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from doctor_tree import Tree  # noqa: E402
 
-from ctrace.doctor.analyze import analyze  # noqa: E402
-from ctrace.doctor.inputs import open_root  # noqa: E402
-from ctrace.doctor.model import Report  # noqa: E402
-from ctrace.doctor.snapshot import load  # noqa: E402
-from ctrace.env import Environment  # noqa: E402
-
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
     return Tree(tmp_path / "root")
-
-
-def report_of(path: Any) -> Report:
-    inp = open_root(str(path))
-    try:
-        return analyze(load(inp))
-    finally:
-        inp.close()
-
-
-def ids(report: Report) -> List[Tuple[str, str]]:
-    return sorted((f.id, f.severity.value) for f in report.findings)
-
-
-def finding(report: Report, fid: str):
-    got = [f for f in report.findings if f.id == fid]
-    assert len(got) == 1, f"expected one {fid}, got {[f.id for f in report.findings]}"
-    return got[0]
-
-
-def run_cli(argv: List[str]) -> Tuple[int, str, str]:
-    from ctrace.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    rc = main(argv, Environment(stdout=out, stderr=err, environ={}))
-    return int(rc), out.getvalue(), err.getvalue()
-
-
-def run_json(argv: List[str]) -> Tuple[int, Dict[str, Any]]:
-    rc, out, err = run_cli(argv + ["--json"])
-    assert err == "", err
-    return rc, json.loads(out)

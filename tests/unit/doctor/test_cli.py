@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from conftest import run_cli, run_json
+from doctor_helpers import run_cli, run_json
 from doctor_tree import NFT_STATEFUL, Tree, ct_tcp
 
 from ctrace.doctor.model import SCHEMA

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import finding, ids, report_of, run_cli
+from doctor_helpers import finding, ids, report_of, run_cli
 from doctor_tree import (
     IPT_EMPTY,
     NFT_STATEFUL,

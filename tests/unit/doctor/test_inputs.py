@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, List
 
 import pytest
-from conftest import ids, report_of, run_cli, run_json
+from doctor_helpers import ids, report_of, run_cli, run_json
 from doctor_tree import IPT_EMPTY, NFT_STATEFUL, NFT_STATELESS, Tree, ct_tcp, ct_udp
 
 from ctrace.doctor import inputs as P

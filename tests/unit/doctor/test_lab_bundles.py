@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from conftest import run_json
+from doctor_helpers import run_json
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES = sorted(DATA.glob("*/*.tgz"))
