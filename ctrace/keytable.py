@@ -105,7 +105,7 @@ class RowTable:
     drops: np.ndarray
     new_per_s: np.ndarray
     gone_per_s: np.ndarray
-    median_age_s: np.ndarray  # NaN where unknown
+    ages: "Ages"  # median entry age per row, computed when first needed
     states: np.ndarray  # (n, len(state_names))
     removals: np.ndarray  # (n, len(removal_names))
     state_names: Tuple[str, ...]
@@ -119,7 +119,7 @@ class RowTable:
         if name == "estab":
             return self.states[:, self.state_names.index("ESTABLISHED")]
         if name == "age":
-            return np.nan_to_num(self.median_age_s, nan=0.0)
+            return np.nan_to_num(self.ages.all(), nan=0.0)
         return {"new/s": self.new_per_s, "gone/s": self.gone_per_s}.get(name, getattr(self, name, None))
 
     def order(self, sort: str = "live", mask: Optional[np.ndarray] = None, limit: Optional[int] = None) -> np.ndarray:
@@ -139,7 +139,7 @@ class RowTable:
 
     def row(self, i: int) -> Row:
         key = tuple(int(w[i]) for w in self.words)
-        age = float(self.median_age_s[i])
+        age = self.ages.one(i)
         return Row(
             key=key, label=label(key, self.by), netns=netns_of(key), live=int(self.live[i]), created=int(self.created[i]),
             destroyed=int(self.destroyed[i]),
@@ -159,6 +159,48 @@ class RowTable:
 
     def __getitem__(self, i: int) -> Row:
         return self.top()[i]
+
+
+class Ages:
+    """Median age of each row's live entries. Sorting all ages costs more than the rest of
+    a snapshot, so it happens only when every row's median is needed (sort by age, a
+    full report); a screenful of rows gets theirs one by one."""
+
+    def __init__(self, n: int, group_of_entry: Optional[np.ndarray] = None, age: Optional[np.ndarray] = None,
+                 group_of_row: Optional[np.ndarray] = None, groups: int = 0) -> None:
+        self.n = n
+        self.entry_group, self.age, self.row_group, self.groups = group_of_entry, age, group_of_row, groups
+        self._all: Optional[np.ndarray] = None
+
+    def all(self) -> np.ndarray:
+        if self._all is None:
+            if self.entry_group is None or self.age is None or self.row_group is None:
+                self._all = np.full(self.n, np.nan)
+            else:
+                self._all = group_medians(self.entry_group, self.age, self.groups)[self.row_group]
+        return self._all
+
+    def one(self, i: int) -> float:
+        if self._all is not None or self.entry_group is None or self.age is None or self.row_group is None:
+            return float(self.all()[i])
+        mine = self.age[self.entry_group == self.row_group[i]]
+        mine = mine[~np.isnan(mine)]
+        return float(np.median(mine)) if len(mine) else float("nan")
+
+
+def group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> np.ndarray:
+    """Median of the non-NaN values of each of m groups (NaN where a group has none)."""
+    out = np.full(m, np.nan)
+    ok = ~np.isnan(values)
+    g, v = gid[ok], values[ok]
+    if not len(g):
+        return out
+    order = np.lexsort((v, g))
+    g, v = g[order], v[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], len(g)]
+    out[g[starts]] = (v[starts + (ends - starts - 1) // 2] + v[starts + (ends - starts) // 2]) / 2
+    return out
 
 
 def bounded_samples(maxlen: int) -> Deque[Dict[str, Any]]:

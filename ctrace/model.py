@@ -16,7 +16,7 @@ import numpy as np
 
 from ctrace import abi
 from ctrace.grouping import first_last, group_rows
-from ctrace.keytable import KeyTable, Row, RowTable, bounded_samples
+from ctrace.keytable import Ages, KeyTable, Row, RowTable, bounded_samples
 from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
 from ctrace.sources.base import SourceInfo
 
@@ -626,7 +626,6 @@ class Model:
         ns = len(STATE_NAMES)
         st = np.bincount(lid * ns + states, minlength=g * ns).reshape(g, ns)[tid]
         orph = np.bincount(lid, weights=orphan, minlength=g)[tid].astype(np.int64)
-        med = _group_medians(lid, age, g)[tid]
         c = table.counts
         created, destroyed = c[:, _C["created"]], c[:, _C["destroyed"]]
         per_s = (lambda now_, prev_: (now_ - prev_) / interval) if interval else (lambda now_, prev_: np.zeros(n))
@@ -636,24 +635,9 @@ class Model:
             by=self.opt.keys.by, words=tuple(table.words), live=st.sum(axis=1), created=created, destroyed=destroyed,
             orphans=c[:, _C["orphans:socket-closed"]] + c[:, _C["orphans:expired-established"]], orphans_live=orph,
             drops=c[:, _C["drops"]], new_per_s=per_s(created, table.prev[:, 0]), gone_per_s=per_s(destroyed, table.prev[:, 1]),
-            median_age_s=med, states=st, removals=c[:, r0 : r0 + len(REMOVAL_REASONS)],
+            ages=Ages(n, lid, age, tid, g), states=st, removals=c[:, r0 : r0 + len(REMOVAL_REASONS)],
             state_names=STATE_NAMES, removal_names=REMOVAL_REASONS, samples=samples,
         )
-
-
-def _group_medians(gid: np.ndarray, values: np.ndarray, m: int) -> np.ndarray:
-    """Median of the non-NaN values of each of m groups (NaN where a group has none)."""
-    out = np.full(m, np.nan)
-    ok = ~np.isnan(values)
-    g, v = gid[ok], values[ok]
-    if not len(g):
-        return out
-    order = np.lexsort((v, g))
-    g, v = g[order], v[order]
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    ends = np.r_[starts[1:], len(g)]
-    out[g[starts]] = (v[starts + (ends - starts - 1) // 2] + v[starts + (ends - starts) // 2]) / 2
-    return out
 
 
 def _tuple_words(ev: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:

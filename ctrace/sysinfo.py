@@ -14,12 +14,6 @@ import numpy as np
 
 from ctrace import abi
 
-def cat(parts):  # type: ignore[no-untyped-def]
-    """np.concatenate that keeps abi.EVENT_DTYPE: plain concatenation turns the
-    big-endian port fields native (same values, different dtype)."""
-    return np.concatenate(parts).astype(abi.EVENT_DTYPE, copy=False)
-
-
 SYSCTL_DIR = "/proc/sys/net/netfilter"
 
 
@@ -258,7 +252,7 @@ def dump_entries(ts_boot_ns: int, namespaces: Optional[Dict[int, Tuple[str, Opti
         parts.append(arr)
     if not parts:
         return abi.empty(0), problems
-    return cat(parts), problems
+    return abi.concat(parts), problems
 
 
 def entry_keys(arr: np.ndarray) -> Iterable[bytes]:

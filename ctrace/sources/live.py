@@ -24,12 +24,6 @@ from ctrace import abi, kernel, sysinfo
 from ctrace.sources.base import Source, SourceInfo
 from ctrace.status import CtraceError, ExitStatus
 
-def cat(parts):  # type: ignore[no-untyped-def]
-    """np.concatenate that keeps abi.EVENT_DTYPE: plain concatenation turns the
-    big-endian port fields native (same values, different dtype)."""
-    return np.concatenate(parts).astype(abi.EVENT_DTYPE, copy=False)
-
-
 CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)
 DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
 # Events this close to "now" wait for the next batch: keeps cross-CPU order,
@@ -339,7 +333,7 @@ class LiveSource(Source):
         if self._chunks:
             arr = abi.decode(b"".join(self._chunks)).copy()
             self._chunks = []
-            self._pending = cat([self._pending, arr]) if len(self._pending) else arr
+            self._pending = abi.concat([self._pending, arr]) if len(self._pending) else arr
 
     def _dedupe_existing(self) -> None:
         if not len(self._existing) or not len(self._pending):
@@ -378,7 +372,7 @@ class LiveSource(Source):
                 r["ts_boot_ns"] = ts
                 out.append(r)
         self._lost_seen = vals
-        return cat(out) if out else abi.empty(0)
+        return abi.concat(out) if out else abi.empty(0)
 
     def _counter_records(self, ts: int) -> np.ndarray:
         sysctls = sysinfo.read_sysctls()
@@ -413,7 +407,7 @@ class LiveSource(Source):
         if final or time.monotonic() - self._last_counter >= self.counter_every:
             self._last_counter = time.monotonic()
             extra.append(self._counter_records(now))
-        arr = cat([self._pending] + extra)
+        arr = abi.concat([self._pending] + extra)
         order = np.argsort(arr["ts_boot_ns"], kind="stable")
         arr = arr[order]
         if final:

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ctrace.keys import EventFilter, KeySpace, parse_filter
-from ctrace.keytable import RowTable
+from ctrace.keytable import Ages, RowTable
 from ctrace.model import Row, Snapshot
 from ctrace.views.units import seconds
 from ctrace.grouping import group_rows
@@ -111,7 +111,7 @@ def wide_table(prefixes: RowTable) -> RowTable:
         by=prefixes.by, words=tuple(w[rep] for w in wide), live=total(prefixes.live), created=total(prefixes.created),
         destroyed=total(prefixes.destroyed), orphans=total(prefixes.orphans), orphans_live=total(prefixes.orphans_live),
         drops=total(prefixes.drops), new_per_s=total(prefixes.new_per_s), gone_per_s=total(prefixes.gone_per_s),
-        median_age_s=np.full(g, np.nan), states=total(prefixes.states), removals=total(prefixes.removals),
+        ages=Ages(g), states=total(prefixes.states), removals=total(prefixes.removals),
         state_names=prefixes.state_names, removal_names=prefixes.removal_names,
     )
 

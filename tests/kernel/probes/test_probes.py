@@ -353,3 +353,27 @@ def test_loss_is_counted(live) -> None:  # type: ignore[no-untyped-def]
         assert len(delivered) + lost == n, (len(delivered), lost, n)
         cause = abi.LostCause.RINGBUF_FULL if src.plan.ringbuf else abi.LostCause.PERF_BUFFER
         assert lost1[cause] - lost0[cause] == lost
+
+
+def test_listed_entries_leave_through_the_model(live) -> None:  # type: ignore[no-untyped-def]
+    """Entries that existed before tracing are followed to their removal: the model's
+    count for their netns equals conntrack's before and after a flush."""
+    from ctrace.keys import EventFilter
+    from ctrace.model import Model, ModelOptions
+
+    src, col, ctx = live
+    pre: Topology = ctx["pre"]
+    ino = ns_inode(pre.server_ns)
+    n = len(ctx["pre_conns"])
+    model = Model(src.info, ModelOptions(filter=EventFilter(netns=ino)))
+    model.seed(src.existing())
+    model.apply(col.select(ino))
+    assert model.snapshot().count == conntrack_count(pre.server_ns) == n
+    t0 = col.mark()
+    conntrack_flush(pre.server_ns)
+    col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY, since=t0)) >= n, 10, "DESTROY of the listed entries")
+    time.sleep(0.5)
+    model.apply(col.select(ino, since=t0))
+    snap = model.snapshot()
+    assert conntrack_count(pre.server_ns) == 0
+    assert snap.count == 0 and snap.removals == {"delete": n}, (snap.count, snap.removals)
