@@ -31,22 +31,32 @@ def start(tmp_path, name):  # type: ignore[no-untyped-def]
     return p, out
 
 
-def leftovers(pid: int) -> list:
+def bpf_progs() -> set:
+    """(id, name) of every loaded BPF program, from bpftool."""
+    try:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], stdout=subprocess.PIPE, text=True).stdout
+    except OSError:
+        return set()
+    import json
+
+    return {(p.get("id"), p.get("name", "")) for p in json.loads(out or "[]")}
+
+
+def leftovers(pid: int, before: set) -> list:
+    """kprobes the recorder (pid) registered, and programs loaded since `before` (other
+    tracers in this test session, e.g. the probes fixture, keep theirs)."""
     found = []
     for path in ("/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"):
         try:
             found += [ln for ln in open(path).read().splitlines() if f"_bcc_{pid}" in ln]
         except OSError:
             pass
-    try:
-        out = subprocess.run(["bpftool", "prog", "show"], stdout=subprocess.PIPE, text=True).stdout
-        found += [ln for ln in out.splitlines() if "confirm_x" in ln or "destroy_e" in ln]
-    except OSError:
-        pass
+    found += [f"prog {i} {n}" for i, n in bpf_progs() - before]
     return found
 
 
 def test_sigterm_closes_recording(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    before = bpf_progs()
     p, out = start(tmp_path, "term")
     with Topology.create() as topo:
         server = topo.tcp_server()
@@ -62,12 +72,13 @@ def test_sigterm_closes_recording(tmp_path) -> None:  # type: ignore[no-untyped-
     assert rec.trailer is not None and rec.trailer.get("stopped_by", {}).get("signal") == "SIGTERM"
     new = rec.events[rec.events["kind"] == abi.Kind.NEW]
     assert len(new) >= 5
-    assert not leftovers(p.pid)
+    assert not leftovers(p.pid, before)
 
 
 def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    before = bpf_progs()
     p, out = start(tmp_path, "kill")
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     time.sleep(1)
-    assert not leftovers(p.pid)
+    assert not leftovers(p.pid, before)
