@@ -10,7 +10,7 @@ import click
 
 from ctrace.commands.options import build_model_options, model_options
 from ctrace.env import Environment
-from ctrace.exporter import DEFAULT_PORT, MetricsServer, Publisher, is_loopback, parse_listen
+from ctrace.exporter import DEFAULT_PORT, OUTCOMES, MetricsServer, Publisher, is_loopback, parse_listen
 from ctrace.feeds import Feed, LiveFeed, ReplayFeed
 from ctrace.pipeline import damage_status, open_recording, warn_damage
 from ctrace.status import CtraceError, ExitStatus
@@ -122,7 +122,7 @@ def command(env: Environment, listen: str, top_k: int, max_netns: int, interval:
             env.warn(f"serving on {server.address[0]}, not loopback: anyone who can reach it can read the metrics")
         what = f"recording {replay_file}" if replay_file else \
             f"{sum(1 for p in src.plan.probes if p.attached)} probes attached"
-        env.error(f"serving {server.url} ({what}; at most {series_bound(top_k, max_netns)} series)")
+        env.error(f"serving {server.url} ({what}; at most {series_bound(top_k, max_netns) + len(OUTCOMES)} series)")
         if ready_file:
             _write_ready(ready_file, server.url)
         started = last_pub = last_pump = time.monotonic()
