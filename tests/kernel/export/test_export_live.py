@@ -1,0 +1,174 @@
+"""ctrace export live on a real kernel (lab guest only), checked against a recording
+made in parallel, while its HTTP side is attacked over loopback.
+
+Two bcc compiles per run (the exporter and the recorder start together). Both start
+before the test's namespaces exist, so every count for the server netns is made of
+the same kernel events in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from lab_toolkit import Topology, close_fin, close_rst, conntrack_flush
+
+pytest.importorskip("prometheus_client")
+
+LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = LINE.match(line)
+            assert m, line
+            out[(m.group(1), frozenset(LABEL.findall(m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def get(series: dict, name: str, **labels: str) -> float:
+    return series.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return parse(r.read().decode())
+
+
+def wait_ready(p: subprocess.Popen, path, what: str, log) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 600
+    while not os.path.exists(path):
+        if p.poll() is not None:
+            raise AssertionError(f"{what} exited {p.returncode}: {open(log).read()}")
+        assert time.monotonic() < deadline, f"{what} never ready"
+        time.sleep(0.5)
+
+
+def stop(p: subprocess.Popen) -> int:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return p.returncode
+
+
+def attacker(host: str, port: int, stop_evt: threading.Event) -> None:
+    held = []
+    while not stop_evt.is_set():
+        for data in (b"GET /metrics HTTP/1.1\r\nHost: x\r\n",              # half a request, held
+                     b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (1 << 20),        # a megabyte of header
+                     b"\x16\x03\x01\x00\xff" + os.urandom(200) + b"\r\n\r\n"):  # garbage
+            try:
+                s = socket.create_connection((host, port), timeout=2)
+                s.sendall(data)
+                held.append(s)
+            except OSError:
+                pass
+        while len(held) > 100:
+            held.pop(0).close()
+        stop_evt.wait(0.05)
+    for s in held:
+        s.close()
+
+
+def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None:  # type: ignore[no-untyped-def]
+    rec_path, rec_ready, rec_log = tmp_path / "par.ctr", tmp_path / "rec.ready", tmp_path / "rec.log"
+    exp_ready, exp_log = tmp_path / "exp.ready", tmp_path / "exp.log"
+    recorder = subprocess.Popen([sys.executable, "-m", "ctrace", "record", "-o", str(rec_path),
+                                 "--ready-file", str(rec_ready)], stdout=subprocess.DEVNULL,
+                                stderr=open(rec_log, "w"))
+    exporter = subprocess.Popen([sys.executable, "-m", "ctrace", "export", "--listen", "127.0.0.1:0",
+                                 "--interval", "0.5", "--ready-file", str(exp_ready)],
+                                stdout=subprocess.DEVNULL, stderr=open(exp_log, "w"))
+    stop_evt = threading.Event()
+    threads = []
+    try:
+        wait_ready(recorder, rec_ready, "ctrace record", rec_log)
+        wait_ready(exporter, exp_ready, "ctrace export", exp_log)
+        url = exp_ready.read_text().strip()
+        host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+        first = scrape(url)
+        assert get(first, "ctrace_entries_max") > 0
+        for _ in range(2):
+            t = threading.Thread(target=attacker, args=(host, int(port), stop_evt), daemon=True)
+            t.start()
+            threads.append(t)
+        latencies = []
+        with Topology.create() as topo:
+            ino = str(os.stat(f"/run/netns/{topo.server_ns}").st_ino)
+            server = topo.tcp_server()
+            for round_ in range(3):
+                fin = topo.connect(topo.client_v4[0], 10, server)
+                rst = topo.connect(topo.client_v4[1], 5, server)
+                topo.connect(topo.client_v4[2], 4, server)  # held open: stay ESTABLISHED
+                close_fin(fin)
+                close_rst(rst)
+                t0 = time.monotonic()
+                scrape(url)
+                latencies.append(time.monotonic() - t0)
+            # End in a known state: flush (every entry removed as `delete`), then 4 new
+            # held connections. Nothing changes after that, so the last scrape and the
+            # recording's end see the same table.
+            conntrack_flush(topo.server_ns)
+            topo.connect(topo.client_v4[0], 4, server)
+            time.sleep(3)  # past ctrace's hold-back and two publications
+            stop_evt.set()
+            for t in threads:
+                t.join(10)
+            time.sleep(1.5)
+            final = scrape(url)
+            assert stop(recorder) == 0, open(rec_log).read()
+        assert stop(exporter) == 0, open(exp_log).read()
+    finally:
+        stop_evt.set()
+        stop(recorder)
+        stop(exporter)
+
+    r = subprocess.run([sys.executable, "-m", "ctrace", "report", "--json", str(rec_path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    row = next(x for x in rep["netns"] if str(x["netns"]) == ino)
+    summary = {
+        "netns": ino,
+        "exporter": {"entries": get(final, "ctrace_netns_entries", netns=ino),
+                     "inserts": get(final, "ctrace_netns_inserts_total", netns=ino),
+                     "removals": {k: get(final, "ctrace_netns_removals_total", netns=ino, reason=k)
+                                  for k in ("fin", "rst", "delete")},
+                     "lost": sum(v for (n, _), v in final.items() if n == "ctrace_events_lost_total"),
+                     "requests": {dict(lb)["outcome"]: v for (n, lb), v in final.items()
+                                  if n == "ctrace_exporter_requests_total"}},
+        "recording": {"entries": row["live"], "inserts": row["created"], "removals": row["removals"],
+                      "lost": rep["events"]["lost"]},
+        "scrape_latency_s": [round(x, 4) for x in latencies],
+    }
+    with open(os.path.join(lab_out, "export-live.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary))
+    # 3 rounds of 10 FIN + 5 RST + 4 held connections, a flush, 4 more held
+    assert row["created"] >= 61 and row["live"] == 4 and row["removals"].get("delete", 0) >= 40
+    assert get(final, "ctrace_netns_inserts_total", netns=ino) == row["created"]
+    assert get(final, "ctrace_netns_entries", netns=ino) == row["live"]
+    for reason in ("fin", "rst", "delete", "timeout", "timeout-established", "unknown"):
+        assert get(final, "ctrace_netns_removals_total", netns=ino, reason=reason) == row["removals"].get(reason, 0)
+    assert get(final, "ctrace_netns_orphans_total", netns=ino) == row["orphans"]
+    assert summary["exporter"]["lost"] == 0 and rep["events"]["lost"] == 0
+    req = summary["exporter"]["requests"]
+    assert req["ok"] >= 5 and req["too_large"] > 0 and req["bad_request"] > 0, req
+    assert max(latencies) < 2.0, latencies
