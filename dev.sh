@@ -28,10 +28,16 @@ apt_install() {
 
 demo() {
     apt_install $RUNTIME_PKGS
+    if $PY -m ctrace probes >/dev/null 2>&1; then
+        apt_install python3-bpfcc "linux-headers-$(uname -r)"
+        echo "== ctrace demo: tracing this kernel live; q quits (h lists the keys)"
+        if [ -t 1 ]; then exec $PY -m ctrace top; else exec $PY -m ctrace top 2 5 --plain; fi
+    fi
     out=$(mktemp -d)
     trap 'rm -rf "$out"' EXIT
-    echo "== ctrace demo: live tracing is not wired into the demo yet, so this replays a SYNTHETIC"
-    echo "== scenario (web servers whose clients lose FIN/RST) through the same model and views."
+    echo "== ctrace demo: this kernel cannot be traced live ($($PY -m ctrace probes 2>&1 | tail -n 1))."
+    echo "== Replaying a SYNTHETIC scenario instead (web servers whose clients lose FIN/RST)"
+    echo "== through the same model and views."
     $PY -m ctrace synth lost-fin -o "$out/lost-fin.ctr"
     $PY -m ctrace replay --fast --interval 150 --rows 8 "$out/lost-fin.ctr"
     $PY -m ctrace report --top 10 "$out/lost-fin.ctr"
