@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ctrace import abi
+from ctrace.files import create_private
 from ctrace.sources.base import SourceInfo
 from ctrace.status import CtraceError, ExitStatus
 
@@ -60,18 +61,6 @@ class NewerRecording(TraceFormatError):
 def _chunk(ctype: bytes, payload: bytes) -> bytes:
     head = struct.pack("<4sII", ctype, len(payload), zlib.crc32(payload))
     return head + struct.pack("<I", zlib.crc32(head)) + payload
-
-
-def create_private(path: str) -> int:
-    """Open a new file 0600 for writing; refuse an existing file or any symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, flags, 0o600)
-    except FileExistsError:
-        what = "a symlink" if os.path.islink(path) else "an existing file"
-        raise CtraceError(f"{path}: refusing to overwrite {what}", ExitStatus.CANNOT_WRITE) from None
-    except OSError as exc:
-        raise CtraceError(f"{path}: cannot create: {exc.strerror}", ExitStatus.CANNOT_WRITE) from None
 
 
 class RecordingWriter:

@@ -47,8 +47,8 @@ def command(env: Environment, output: str, duration: Optional[float], ready_file
     from ctrace.sources.live import LiveSource, boot_ns
 
     if os.path.lexists(output):
-        what = "a symlink" if os.path.islink(output) else "an existing file"
-        raise CtraceError(f"{output}: refusing to overwrite {what}", ExitStatus.CANNOT_WRITE)
+        what = "a symbolic link" if os.path.islink(output) else "an existing file"
+        raise CtraceError(f"{output} is {what}: refusing to overwrite it", ExitStatus.CANNOT_WRITE)  # before the compile
 
     stop_reason: Dict[str, Any] = {}
     src: Optional[LiveSource] = None

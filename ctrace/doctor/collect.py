@@ -19,6 +19,7 @@ from ctrace import __version__
 from ctrace.doctor import inputs as P
 from ctrace.doctor.inputs import LiveInputs
 from ctrace.doctor.snapshot import Snapshot, load
+from ctrace.files import create_private
 from ctrace.status import CtraceError, ExitStatus
 
 
@@ -93,22 +94,11 @@ class CollectingInputs(LiveInputs):
         return _Tee(f, lambda spool: self._add(rel, spool))  # type: ignore[return-value]
 
 
-def _create_exclusive(path: str) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, flags, 0o600)
-    except FileExistsError:
-        kind = "a symbolic link" if os.path.islink(path) else "an existing file"
-        raise CtraceError(f"{path} is {kind}: refusing to overwrite it", ExitStatus.CANNOT_WRITE) from None
-    except OSError as exc:
-        raise CtraceError(f"cannot create {path}: {exc.strerror or exc}", ExitStatus.CANNOT_WRITE) from None
-
-
 def collect(path: str, run: Optional[Callable[..., Any]] = None, root: str = "/",
             interval: float = 0.0) -> Tuple[Snapshot, List[str], Dict[str, str]]:
     """Write the bundle; returns the snapshot read while writing, the paths saved and
     the inputs that could not be read (path -> reason)."""
-    fd = _create_exclusive(path)
+    fd = create_private(path)
     ok = False
     try:
         os.fchmod(fd, 0o600)

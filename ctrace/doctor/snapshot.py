@@ -24,26 +24,10 @@ from ctrace.doctor.parse import (
     parse_stat_table,
     prefix_of,
 )
+from ctrace import kernel_defaults
 from ctrace.doctor.ruleset import RulesetScan, scan_iptables_save, scan_nft
 
-# Kernel defaults (net/netfilter/nf_conntrack_proto_{tcp,udp,icmp,generic}.c).
-DEFAULT_TIMEOUTS: Dict[str, int] = {
-    "nf_conntrack_tcp_timeout_syn_sent": 120,
-    "nf_conntrack_tcp_timeout_syn_recv": 60,
-    "nf_conntrack_tcp_timeout_established": 432000,
-    "nf_conntrack_tcp_timeout_fin_wait": 120,
-    "nf_conntrack_tcp_timeout_close_wait": 60,
-    "nf_conntrack_tcp_timeout_last_ack": 30,
-    "nf_conntrack_tcp_timeout_time_wait": 120,
-    "nf_conntrack_tcp_timeout_close": 10,
-    "nf_conntrack_tcp_timeout_max_retrans": 300,
-    "nf_conntrack_tcp_timeout_unacknowledged": 300,
-    "nf_conntrack_udp_timeout": 30,
-    "nf_conntrack_udp_timeout_stream": 120,  # 180 before Linux 5.? (older kernels)
-    "nf_conntrack_icmp_timeout": 30,
-    "nf_conntrack_icmpv6_timeout": 30,
-    "nf_conntrack_generic_timeout": 600,
-}
+DEFAULT_TIMEOUTS = kernel_defaults.TIMEOUTS
 
 # conntrack TCP state (as printed in the table) -> the sysctl holding its timeout
 TCP_STATE_TIMEOUT = {

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ctrace import abi
+from ctrace import abi, kernel_defaults
 from ctrace.sources.base import SourceInfo
 
 NS = 1_000_000_000
@@ -24,20 +24,7 @@ T = abi.TcpState
 BOOT_START = 3600 * NS  # recordings start one hour after boot
 WALL_OFFSET = 1_764_000_000 * NS - BOOT_START  # a fixed wall clock: 2025-11-24
 
-DEFAULT_SYSCTLS = {
-    "nf_conntrack_max": 262144,
-    "nf_conntrack_buckets": 65536,
-    "nf_conntrack_tcp_timeout_syn_sent": 120,
-    "nf_conntrack_tcp_timeout_syn_recv": 60,
-    "nf_conntrack_tcp_timeout_established": 432000,
-    "nf_conntrack_tcp_timeout_fin_wait": 120,
-    "nf_conntrack_tcp_timeout_close_wait": 60,
-    "nf_conntrack_tcp_timeout_last_ack": 30,
-    "nf_conntrack_tcp_timeout_time_wait": 120,
-    "nf_conntrack_tcp_timeout_close": 10,
-    "nf_conntrack_udp_timeout": 30,
-    "nf_conntrack_udp_timeout_stream": 120,
-}
+DEFAULT_SYSCTLS = {"nf_conntrack_max": 262144, "nf_conntrack_buckets": 65536, **kernel_defaults.TIMEOUTS}
 
 # What happens to a connection after it is born.
 FIN, RST, LOST, IDLE, SYN, UDP_REPLIED, UDP_UNREPLIED, DELETED = range(8)

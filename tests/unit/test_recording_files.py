@@ -42,7 +42,7 @@ def test_planted_symlink_refused(tmp_path):
     link = tmp_path / "trace.ctr"
     link.symlink_to(target)
     status, _, err = run_cli(["synth", "nat-churn", "--events", "1000", "-o", str(link)])
-    assert status == ExitStatus.CANNOT_WRITE and "symlink" in err
+    assert status == ExitStatus.CANNOT_WRITE and "symbolic link" in err
     assert target.read_text() == "do not touch"
     dangling = tmp_path / "dangling.ctr"
     dangling.symlink_to(tmp_path / "nowhere")
