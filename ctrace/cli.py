@@ -51,6 +51,11 @@ def main(argv: Optional[List[str]] = None, env: Optional[Environment] = None) ->
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:
         return ExitStatus.OK
+    except Exception as exc:  # a bug: one line, not a traceback (CTRACE_DEBUG=1 shows it)
+        if env.environ.get("CTRACE_DEBUG"):
+            raise
+        env.error(f"internal error: {type(exc).__name__}: {exc} -- please report it (CTRACE_DEBUG=1 shows where)")
+        return ExitStatus.ERROR
     return ExitStatus(rv) if isinstance(rv, int) else ExitStatus.OK
 
 

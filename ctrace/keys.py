@@ -149,7 +149,7 @@ def netns_of(key: Key) -> int:
 
 def label(key: Key, by: str = "src") -> str:
     """Human form: '10.1.2.3', '10.1.2.0/24', '2001:db8::/64', 'tcp/443', 'netns'."""
-    w0 = key[0]
+    w0 = int(key[0])
     family = (w0 >> 32) & 0xFF
     proto = (w0 >> 40) & 0xFF
     plen = (w0 >> 48) & 0xFF

@@ -135,7 +135,8 @@ class RowTable:
         return idx[np.lexsort(cols)]
 
     def labels(self, rows: Optional[np.ndarray] = None) -> List[str]:
-        return [label(k, self.by) for k in zip(*(w[rows] if rows is not None else w for w in self.words))]
+        cols = [(w if rows is None else w[rows]).tolist() for w in self.words]  # Python ints: numpy 1.19 can't shift uint64 by int
+        return [label(k, self.by) for k in zip(*cols)]
 
     def row(self, i: int) -> Row:
         key = tuple(int(w[i]) for w in self.words)

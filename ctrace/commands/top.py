@@ -66,10 +66,10 @@ def command(env: Environment, interval: float, count: Optional[int], once: bool,
     except KeyboardInterrupt:
         pass
     finally:
+        lost = sum(src.lost_counts().values())
         src.close()
         for s, h in old.items():
             signal.signal(s, h)
-        lost = sum(src.lost_counts().values()) if hasattr(src, "lost_counts") else 0
         if lost:
             env.error(f"{lost} events were lost while tracing (shown in the view's banner)")
     return ExitStatus.OK

@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 CACHE=${CTRACE_LAB_CACHE:-/var/cache/ctrace-lab}
-PKGS="python3,python3-numpy,python3-click,python3-pytest,python3-hypothesis,gcc,libc6-dev"
+PKGS="python3,python3-numpy,python3-click,python3-pytest,python3-hypothesis,gcc,libc6-dev,tmux"
 KEY=$(printf '%s' "bullseye $PKGS v1" | sha256sum | cut -c1-12)
 ROOT="$CACHE/compat/bullseye-$KEY"
 if [ ! -e "$ROOT/.complete" ]; then

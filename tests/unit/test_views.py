@@ -60,3 +60,11 @@ def test_report_json_fields():
     assert j["ips"][0]["states"] == {"ESTABLISHED": 1, "TIME_WAIT": 1}
     assert j["drops"] == [{"ip": "192.0.2.1", "netns": 4026531840, "count": 1, "samples": [
         {"family": "ipv4", "proto": "tcp", "src": "192.0.2.1", "sport": 40000, "dst": "10.9.9.9", "dport": 443, "netns": 4026531840}]}]
+
+
+def test_address_filter_on_labels():
+    from ctrace.views.top import ViewState, render_screen
+
+    lines = render_screen(snapshot(), ViewState(addr="10.0.0"), 80, 24)
+    rows = [line for line in lines if line[:1].isdigit()]
+    assert [r.split()[0] for r in rows] == ["10.0.0.1", "10.0.0.9"]

@@ -377,3 +377,4 @@ def test_listed_entries_leave_through_the_model(live) -> None:  # type: ignore[n
     snap = model.snapshot()
     assert conntrack_count(pre.server_ns) == 0
     assert snap.count == 0 and snap.removals == {"delete": n}, (snap.count, snap.removals)
+

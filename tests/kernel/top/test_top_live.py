@@ -23,8 +23,15 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
+ERR = os.path.join(os.environ.get("CTRACE_LAB_OUT", "/tmp"), "top.err")
+
+
 def screen() -> str:
-    return tmux("capture-pane", "-p", "-t", SESSION)
+    r = subprocess.run(["tmux", "capture-pane", "-p", "-t", SESSION], stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        err = open(ERR).read() if os.path.exists(ERR) else ""
+        raise AssertionError(f"ctrace top is gone; its stderr: {err[-2000:]}")
+    return r.stdout
 
 
 def wait_screen(pred, timeout: float, what: str) -> str:  # type: ignore[no-untyped-def]
@@ -50,7 +57,7 @@ def row(out: str, label: str) -> list:
 def test_top_live_follows_traffic_and_keys() -> None:
     assert shutil.which("tmux"), "tmux missing from the lab image"
     tree = os.environ.get("CTRACE_LAB_TREE", os.getcwd())
-    cmd = f"cd {tree} && PYTHONPATH={tree} exec {sys.executable} -m ctrace top 1 2>/tmp/top.err"
+    cmd = f"cd {tree} && PYTHONPATH={tree} TERM=screen exec {sys.executable} -m ctrace top 1 2>{ERR}"
     tmux("new-session", "-d", "-s", SESSION, "-x", "120", "-y", "40", cmd)
     try:
         wait_screen(lambda s: "ADDRESS" in s, 600, "the top screen (bcc compile)")
