@@ -25,4 +25,15 @@ rm -rf "$work"
 mkdir -p "$work"
 # Only tracked and new (not ignored) files: what a clean checkout has.
 git ls-files -co --exclude-standard -z | grep -z -E '^(ctrace|bpf|tests/unit)/|^pyproject.toml$' | xargs -0 cp --parents -t "$work"
-chroot "$ROOT" /bin/sh -c "cd /work && python3 -c 'import sys, numpy, click; print(\"compat: Python\", sys.version.split()[0], \"numpy\", numpy.__version__, \"click\", click.__version__)' && python3 -m pytest -q -p no:cacheprovider tests/unit $*"
+cat >"$work/run.sh" <<'RUN'
+cd /work
+python3 -c 'import sys, numpy, click; print("compat: Python", sys.version.split()[0], "numpy", numpy.__version__, "click", click.__version__)'
+exec python3 -m pytest -q -p no:cacheprovider tests/unit "$@"
+RUN
+# A private mount namespace gives the chroot /proc, /sys and /dev (ptys for tmux) and
+# takes them away when it ends.
+exec unshare --mount --propagation private /bin/sh -c '
+    root=$1; shift
+    mount -t proc proc "$root/proc" && mount --rbind /sys "$root/sys" && mount --rbind /dev "$root/dev" || exit 3
+    exec chroot "$root" /bin/sh /work/run.sh "$@"
+' sh "$ROOT" "$@"

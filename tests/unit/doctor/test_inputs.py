@@ -228,7 +228,7 @@ def test_collect_refuses_existing_files_and_symlinks(tmp_path: Path) -> None:
     assert rc == ExitStatus.CANNOT_WRITE and "cannot create" in err
 
 
-def test_unprivileged_live_run_names_what_it_could_not_read(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unprivileged_live_run_names_what_it_could_not_read(tree: Tree, monkeypatch: "pytest.MonkeyPatch") -> None:
     busy(tree)
     real_open = open
 
