@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 CACHE=${CTRACE_LAB_CACHE:-/var/cache/ctrace-lab}
-PKGS="python3,python3-numpy,python3-click,python3-pytest,python3-hypothesis,gcc,libc6-dev,tmux"
+PKGS="python3,python3-numpy,python3-click,python3-prometheus-client,python3-pytest,python3-hypothesis,gcc,libc6-dev,tmux"
 KEY=$(printf '%s' "bullseye $PKGS v1" | sha256sum | cut -c1-12)
 ROOT="$CACHE/compat/bullseye-$KEY"
 if [ ! -e "$ROOT/.complete" ]; then
@@ -24,7 +24,7 @@ work="$ROOT/work"
 rm -rf "$work"
 mkdir -p "$work"
 # Only tracked and new (not ignored) files: what a clean checkout has.
-git ls-files -co --exclude-standard -z | grep -z -E '^(ctrace|bpf|tests/unit)/|^pyproject.toml$' | xargs -0 cp --parents -t "$work"
+git ls-files -co --exclude-standard -z | grep -z -E '^(ctrace|bpf|docs|tests/unit)/|^pyproject.toml$' | xargs -0 cp --parents -t "$work"
 cat >"$work/run.sh" <<'RUN'
 cd /work
 python3 -c 'import sys, numpy, click; print("compat: Python", sys.version.split()[0], "numpy", numpy.__version__, "click", click.__version__)'
