@@ -6,7 +6,8 @@ collisions never merge different keys) joins that group. Rows that lost their
 slot to a different key try again with another hash; a few rounds resolve all.
 """
 
-from typing import List, Sequence, Tuple
+import threading
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 
@@ -15,13 +16,27 @@ _MAX_BITS = 21
 _SALTS = (0x0, 0xD6E8FEB86659FD93, 0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3)
 
 
+_scratch = threading.local()  # per thread: hash tables reused between calls (fresh memory is dear)
+
+
+def _buffer(name: str, size: int, dtype: Any) -> np.ndarray:
+    """A scratch array of at least `size` items, kept for the next call (contents undefined)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or len(buf) < size:
+        buf = np.empty(max(size, 1 << 16), dtype=dtype)
+        setattr(_scratch, name, buf)
+    return buf[:size]
+
+
 def _mix(cols: Sequence[np.ndarray], salt: int) -> np.ndarray:
     h = np.full(len(cols[0]), np.uint64(salt), dtype=np.uint64)
+    tmp = _buffer("mix", len(h), np.uint64)
     with np.errstate(over="ignore"):
         for c in cols:
             h ^= c
             h *= _MULT
-            h ^= h >> np.uint64(31)
+            np.right_shift(h, np.uint64(31), out=tmp)
+            h ^= tmp
     return h
 
 
@@ -31,6 +46,8 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     share a group; different keys never do."""
     cols: List[np.ndarray] = [np.ascontiguousarray(c, dtype=np.uint64) for c in columns]
     n = len(cols[0])
+    if n >= 2**31:
+        raise ValueError("group_rows: more than 2^31 rows")
     gid = np.empty(n, dtype=np.int64)
     if n == 0:
         return np.empty(0, dtype=np.int64), gid
@@ -46,17 +63,18 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         slot = _mix(sub, salt)
         slot >>= np.uint64(64 - bits)
         slot = slot.view(np.int64)
-        table = np.full(size, -1, dtype=np.int32 if len(remaining) < 2**31 else np.int64)
-        table[slot] = np.arange(len(remaining), dtype=table.dtype)
+        table = _buffer("table", size, np.int32)
+        table.fill(-1)
+        table[slot] = np.arange(len(remaining), dtype=np.int32)
         occupied = np.flatnonzero(table >= 0)
         claimant = table[occupied]
         same = np.ones(len(remaining), dtype=bool)
-        key_at_slot = np.empty(size, dtype=np.uint64)  # read only at occupied slots
+        key_at_slot = _buffer("keys", size, np.uint64)  # read only at occupied slots
         for c in sub:
             key_at_slot[occupied] = c[claimant]
             same &= key_at_slot[slot] == c
-        dense = np.empty(size, dtype=np.int64)  # read only at occupied slots
-        dense[occupied] = np.arange(next_id, next_id + len(occupied), dtype=np.int64)
+        dense = table  # the claimants are read: reuse the table for dense group ids
+        dense[occupied] = np.arange(next_id, next_id + len(occupied), dtype=np.int32)
         reps.append(remaining[claimant])
         next_id += len(occupied)
         if same.all():
@@ -73,11 +91,51 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     return np.concatenate(reps), gid
 
 
+def maybe_in(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Per key: False if it is certainly not in `among`, True if it may be (a one-hash
+    Bloom filter of ~16 bits per element of `among`): a cheap way to set aside rows
+    that cannot match before an exact group-by."""
+    bits = max(16, min(26, (16 * len(among)).bit_length()))
+    mark = _buffer("bloom", 1 << bits, bool)
+    mark.fill(False)
+    shift = np.uint64(64 - bits)
+    mark[(_mix([among], _SALTS[1]) >> shift).view(np.int64)] = True
+    return mark[(_mix([keys], _SALTS[1]) >> shift).view(np.int64)]
+
+
+def group_max(m: int, gid: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """out[g] = the largest of `values` over rows of group g (`fill` for groups without
+    rows). A plain scatter in ascending order of value, checked; ufunc.at, which numpy
+    before 2.0 runs ~15x slower, only if the scatter did not keep the last write."""
+    out = np.full(m, fill, dtype=values.dtype)
+    if not len(gid):
+        return out
+    if len(values) > 1 and (values[1:] < values[:-1]).any():
+        order = np.argsort(values, kind="stable")
+        gid, values = gid[order], values[order]
+    out[gid] = values
+    if (out[gid] < values).any():  # numpy does not promise the order of repeated writes
+        np.maximum.at(out, gid, values)
+    return out
+
+
+def group_min(m: int, gid: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+    """out[g] = the smallest of `values` over rows of group g (`fill` for groups without rows)."""
+    out = np.full(m, fill, dtype=values.dtype)
+    if not len(gid):
+        return out
+    if len(values) > 1 and (values[1:] > values[:-1]).any():
+        order = np.argsort(values, kind="stable")[::-1]
+        gid, values = gid[order], values[order]
+    else:
+        gid, values = np.flip(gid).copy(), np.flip(values).copy()  # contiguous: scatters faster
+    out[gid] = values
+    if (out[gid] > values).any():
+        np.minimum.at(out, gid, values)
+    return out
+
+
 def first_last(gid: np.ndarray, m: int) -> Tuple[np.ndarray, np.ndarray]:
     """First and last row index of each of m groups (rows in order)."""
     idx = np.arange(len(gid), dtype=np.int64)
-    first = np.full(m, len(gid), dtype=np.int64)
-    last = np.full(m, -1, dtype=np.int64)
-    np.minimum.at(first, gid, idx)
-    np.maximum.at(last, gid, idx)
-    return first, last
+    return group_min(m, gid, idx, len(gid)), group_max(m, gid, idx, -1)

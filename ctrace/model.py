@@ -10,12 +10,13 @@ operations: no per-event Python.
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ctrace import abi
-from ctrace.grouping import first_last, group_rows
+from ctrace.columns import Columns
+from ctrace.grouping import first_last, group_max, group_min, group_rows, maybe_in
 from ctrace.keytable import Ages, KeyTable, Row, RowTable, bounded_samples
 from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
 from ctrace.sources.base import SourceInfo
@@ -67,13 +68,15 @@ _KEYED_LUT = _ENTRY_LUT.copy()
 _KEYED_LUT[K.DROP] = True
 _KEYED_LUT[K.STATE] = False
 _LIVE_KIND = 0  # kind value of live-table rows inside a merge
+_ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", "orig_dport_be", "netns_ino",
+                  "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
 
 class _Cols:
     """The fields of records ev[idx], each gathered on first use: no record copies
     (fresh memory for whole records is the dearest thing a batch can ask for)."""
 
-    def __init__(self, ev: np.ndarray, idx: Optional[np.ndarray] = None) -> None:
+    def __init__(self, ev: Columns, idx: Optional[np.ndarray] = None) -> None:
         self.ev, self.idx = ev, idx
         self._cache: Dict[str, np.ndarray] = {}
 
@@ -90,8 +93,8 @@ class _Cols:
     def sub(self, sel: np.ndarray) -> "_Cols":
         return _Cols(self.ev, sel if self.idx is None else self.idx[sel])
 
-    def record(self, i: int) -> np.void:
-        return self.ev[i if self.idx is None else self.idx[i]]
+    def record(self, i: int) -> Dict[str, Any]:
+        return self.ev.record(i if self.idx is None else int(self.idx[i]))
 
 
 def removal_reasons(ev: Any) -> np.ndarray:
@@ -214,7 +217,7 @@ class Model:
     def __init__(self, info: SourceInfo, options: Optional[ModelOptions] = None) -> None:
         self.info = info
         self.opt = options or ModelOptions()
-        self._slots = abi.empty(0)  # live entries, one per alive slot
+        self._slots = Columns.zeros(0)  # live entries, one per alive slot
         self._alive = np.zeros(0, dtype=bool)
         self._n_alive = 0
         self.start_boot_ns = info.start_boot_ns
@@ -236,18 +239,22 @@ class Model:
         self.prefixes = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.netns = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.orphan_list: Deque[Dict[str, Any]] = deque(maxlen=self.opt.orphan_list_max)
+        self._orphan_parts: Deque[Tuple[int, Dict[str, np.ndarray]]] = deque()  # not yet in orphan_list
+        self._orphans_pending = 0
         self._per_sec: Dict[int, List[int]] = {}  # second -> [inserts, removals]
         self._prev_snapshot_ns = info.start_boot_ns
         self._seeded = False
 
     # ---- folding -------------------------------------------------------
-    def seed(self, existing: np.ndarray) -> None:
+    def seed(self, existing: Union[Columns, np.ndarray]) -> None:
         """The entries present when tracing began: they set the starting count."""
         self.apply(existing)
         self.start_count = self.peak_count = self._n_alive
         self._seeded = True
 
-    def apply(self, ev: np.ndarray) -> None:
+    def apply(self, events: Union[Columns, np.ndarray]) -> None:
+        """Fold a batch of events (in time order, or sorted here) into the model."""
+        ev = Columns.of(events)
         if self.opt.filter.active and len(ev):
             ev = ev[self.opt.filter.mask(ev)]
         if not len(ev):
@@ -274,7 +281,7 @@ class Model:
             self._count_keys(_Cols(ev, keyed if len(keyed) < len(ev) else None))
 
     @property
-    def live(self) -> np.ndarray:
+    def live(self) -> Columns:
         """The live entries (a copy): the latest record of each, kind EXISTING."""
         return self._slots[self._alive]
 
@@ -282,12 +289,17 @@ class Model:
     def live_count(self) -> int:
         return self._n_alive
 
-    def _merge_entries(self, ev: np.ndarray, sel: np.ndarray) -> None:
+    def _merge_entries(self, ev: Columns, sel: np.ndarray) -> None:
         """Fold entry records ev[sel] into the live table: for every entry id, the last
         record decides whether it lives; a NEW/EXISTING record starts a new life (ids
         are reused). The table is a slot array updated in place: only entries the batch
         touches are written."""
         slots = np.flatnonzero(self._alive)
+        if len(slots) > 4096:
+            # Live entries this batch cannot touch stay out of the group-by: those whose
+            # id is surely not in the batch and that are not awaiting a tuple match.
+            ids = self._slots["ct_id"][slots]
+            slots = slots[maybe_in(ids, ev["ct_id"][sel]) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0)]
         n_live = len(slots)
         kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), ev["kind"][sel]])
         rep, gid = group_rows([np.concatenate([self._slots["ct_id"][slots], ev["ct_id"][sel]])])
@@ -295,11 +307,9 @@ class Model:
         first, last = first_last(gid, m)
         idx = np.arange(len(kind), dtype=np.int64)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
-        seg = np.full(m, -1, dtype=np.int64)
-        np.maximum.at(seg, gid[births], idx[births])
+        seg = group_max(m, gid[births], idx[births], -1)
         orphan_ev = kind == K.ORPHAN
-        last_orphan = np.full(m, -1, dtype=np.int64)
-        np.maximum.at(last_orphan, gid[orphan_ev], idx[orphan_ev])
+        last_orphan = group_max(m, gid[orphan_ev], idx[orphan_ev], -1)
 
         adopted = self._match_dumped(ev, sel, slots, kind, gid, first, idx, m)
 
@@ -307,7 +317,7 @@ class Model:
         is_destroy = kind == K.DESTROY
         unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live) & ~adopted[gid]
         delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
-        running = n_live + np.cumsum(delta[n_live:])
+        running = self._n_alive + np.cumsum(delta[n_live:])
         if len(running):
             self.peak_count = max(self.peak_count, int(running.max()))
 
@@ -331,7 +341,7 @@ class Model:
 
         def gather(field: str, rows: np.ndarray) -> np.ndarray:
             """A column for combined row numbers (live slots first, then ev[sel])."""
-            out = np.empty(len(rows), dtype=ev.dtype[field])
+            out = np.empty(len(rows), dtype=ev[field].dtype)
             in_live = rows < n_live
             out[in_live] = self._slots[field][slots[rows[in_live]]]
             out[~in_live] = ev[field][sel[rows[~in_live] - n_live]]
@@ -354,11 +364,11 @@ class Model:
         flags |= orphaned.astype(np.uint8) * np.uint8(_FLAG_ORPHANED_LIVE)
         rec["flags"] = flags
         rec["kind"] = K.EXISTING
-        self._slots[dest] = rec
+        self._slots.put(dest, rec)
         self._alive[dest] = True
         self._n_alive = int(self._alive.sum())
 
-    def _match_dumped(self, ev: np.ndarray, sel: np.ndarray, slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
+    def _match_dumped(self, ev: Columns, sel: np.ndarray, slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
                       first: np.ndarray, idx: np.ndarray, m: int) -> np.ndarray:
         """Entries read from a listing at start carry a sequence number, not the kernel's
         id (FLAG_DUMP_ID). The first records the kernel sends about such an entry are
@@ -371,13 +381,11 @@ class Model:
         if not len(dumped):
             return adopted
         stream_birth = (idx >= n_live) & ((kind == K.NEW) | (kind == K.EXISTING))
-        first_birth = np.full(m, len(kind), dtype=np.int64)
-        np.minimum.at(first_birth, gid[stream_birth], idx[stream_birth])
+        first_birth = group_min(m, gid[stream_birth], idx[stream_birth], len(kind))
         lead = (idx >= n_live) & (first[gid] >= n_live) & (idx < first_birth[gid])
         if not lead.any():
             return adopted
-        last_lead = np.full(m, -1, dtype=np.int64)
-        np.maximum.at(last_lead, gid[lead], idx[lead])
+        last_lead = group_max(m, gid[lead], idx[lead], -1)
         groups = np.flatnonzero(last_lead >= 0)
         rows = sel[last_lead[groups] - n_live]
         cand = _tuple_words(ev, rows)
@@ -402,7 +410,7 @@ class Model:
         flags = (old["flags"] & np.uint8(abi.FLAG_START_KNOWN)) | (orphaned.astype(np.uint8) * np.uint8(_FLAG_ORPHANED_LIVE))
         rec["flags"] = flags
         rec["kind"] = K.EXISTING
-        self._slots[keep_slots] = rec  # now carrying the kernel's id: later batches match by id
+        self._slots.put(keep_slots, rec)  # now carrying the kernel's id: later batches match by id
         return adopted
 
     def _free_slots(self, n: int) -> np.ndarray:
@@ -411,8 +419,8 @@ class Model:
         if len(free) < n:
             old = len(self._alive)
             size = max(1024, 2 * old, old + n - len(free))
-            grown = abi.empty(size)
-            grown[:old] = self._slots
+            grown = Columns.zeros(size)
+            grown.put(slice(0, old), self._slots)
             alive = np.zeros(size, dtype=bool)
             alive[:old] = self._alive
             self._slots, self._alive = grown, alive
@@ -446,8 +454,13 @@ class Model:
                 life = (d["ts_boot_ns"][known].astype(np.int64) - d["start_boot_ns"][known].astype(np.int64)) / NS
                 life = np.maximum(life, 0.0)
                 rk = r[known]
-                self.lifetime_hist += np.bincount(rk * _LT_BINS + _lifetime_bins(life), minlength=self.lifetime_hist.size).reshape(self.lifetime_hist.shape)
-                np.maximum.at(self.lifetime_max, rk, life)
+                bins = _lifetime_bins(life)
+                hist = np.bincount(rk * _LT_BINS + bins, minlength=self.lifetime_hist.size).reshape(self.lifetime_hist.shape)
+                self.lifetime_hist += hist
+                # Each reason's longest life is in its top bin: find it among those few.
+                top = _LT_BINS - 1 - np.argmax(hist[:, ::-1] > 0, axis=1)
+                cand = bins == top[rk]
+                np.maximum(self.lifetime_max, group_max(len(REMOVAL_REASONS), rk[cand], life[cand], 0.0), out=self.lifetime_max)
             expired = destroy[(r == _R["timeout-established"]) & ((d["flags"] & abi.FLAG_ORPHANED) == 0)]
         drop = np.flatnonzero(kind == K.DROP)
         if len(drop):
@@ -500,8 +513,7 @@ class Model:
         rep, gid = group_rows(kw)
         m = len(rep)
         sums = np.stack([np.bincount(gid, weights=per_key[:, c], minlength=m) for c in range(per_key.shape[1])], axis=1)
-        last = np.zeros(m, dtype=np.int64)
-        np.maximum.at(last, gid, seen)
+        last = group_max(m, gid, seen, 0)
         table.add([w[rep] for w in kw], sums.astype(np.int64), last)
 
     def _count_seconds(self, ins_ts: np.ndarray, rem_ts: np.ndarray) -> None:
@@ -518,23 +530,38 @@ class Model:
             del self._per_sec[s]
 
     def _remember_orphans(self, ev: "_Cols", closed: np.ndarray, expired: np.ndarray) -> None:
+        """Keep the latest orphans' records (a copy of the few fields shown); they become
+        dicts only when a snapshot lists them."""
         both = np.concatenate([closed, expired])
         order = np.argsort(both, kind="stable")
         is_closed = np.concatenate([np.ones(len(closed), bool), np.zeros(len(expired), bool)])[order]
-        both = both[order]
         keep = self.opt.orphan_list_max
-        for i, c in zip(both[-keep:].tolist(), is_closed[-keep:].tolist()):
-            r = ev.record(i)
-            d = _tuple_dict(r)
-            start = int(r["start_boot_ns"])
-            known = bool(r["flags"] & abi.FLAG_START_KNOWN)
-            d.update(
-                kind=ORPHAN_KINDS[0] if c else ORPHAN_KINDS[1],
-                state=STATE_NAMES[min(int(r["ct_state"]), len(TCP_STATE_NAMES) - 1)],
-                age_s=round((int(r["ts_boot_ns"]) - start) / NS, 3) if known else None,
-                at_s=round((int(r["ts_boot_ns"]) - self.start_boot_ns) / NS, 3),
-            )
-            self.orphan_list.append(d)
+        rows = both[order][-keep:]
+        part = {name: ev[name][rows] for name in _ORPHAN_FIELDS}
+        part["_closed"] = is_closed[-keep:]
+        self._orphan_parts.append((len(rows), part))
+        self._orphans_pending += len(rows)
+        while self._orphans_pending - self._orphan_parts[0][0] >= keep:
+            self._orphans_pending -= self._orphan_parts.popleft()[0]
+
+    def _orphan_dicts(self) -> Tuple[Dict[str, Any], ...]:
+        """The latest orphans (at most orphan_list_max), oldest first, as report rows."""
+        while self._orphan_parts:
+            n, part = self._orphan_parts.popleft()
+            self._orphans_pending -= n
+            for i in range(n):
+                r = {name: part[name][i] for name in _ORPHAN_FIELDS}
+                d = _tuple_dict(r)
+                start = int(r["start_boot_ns"])
+                known = bool(r["flags"] & abi.FLAG_START_KNOWN)
+                d.update(
+                    kind=ORPHAN_KINDS[0] if part["_closed"][i] else ORPHAN_KINDS[1],
+                    state=STATE_NAMES[min(int(r["ct_state"]), len(TCP_STATE_NAMES) - 1)],
+                    age_s=round((int(r["ts_boot_ns"]) - start) / NS, 3) if known else None,
+                    at_s=round((int(r["ts_boot_ns"]) - self.start_boot_ns) / NS, 3),
+                )
+                self.orphan_list.append(d)
+        return tuple(self.orphan_list)
 
     # ---- summarising -----------------------------------------------------
     def snapshot(self, now_boot_ns: Optional[int] = None) -> Snapshot:
@@ -575,7 +602,7 @@ class Model:
             ips=ips,
             prefixes=prefixes,
             netns=netns,
-            orphans=tuple(self.orphan_list),
+            orphans=self._orphan_dicts(),
             orphans_by_kind={k: int(self.orphans_by_kind[i]) for i, k in enumerate(ORPHAN_KINDS)},
             drops_by_reason={r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]},
             untracked={
@@ -640,7 +667,7 @@ class Model:
         )
 
 
-def _tuple_words(ev: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
+def _tuple_words(ev: Columns, rows: np.ndarray) -> List[np.ndarray]:
     """netns, zone, family, protocol and original tuple of ev[rows] as six uint64 words."""
     u = np.uint64
     w0 = ev["netns_ino"][rows].astype(u) | (ev["zone"][rows].astype(u) << u(32)) | (ev["family"][rows].astype(u) << u(48)) | (ev["l4proto"][rows].astype(u) << u(56))
@@ -650,7 +677,7 @@ def _tuple_words(ev: np.ndarray, rows: np.ndarray) -> List[np.ndarray]:
     return [w0, src[:, 0], src[:, 1], dst[:, 0], dst[:, 1], ports]
 
 
-def _tuple_dict(r: np.void) -> Dict[str, Any]:
+def _tuple_dict(r: Dict[str, Any]) -> Dict[str, Any]:
     fam = int(r["family"])
     return {
         "family": "ipv4" if fam == abi.AF_INET else "ipv6" if fam == abi.AF_INET6 else str(fam),

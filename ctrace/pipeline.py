@@ -36,7 +36,7 @@ def fold_file(path: str, options: ModelOptions, batch: int = 1 << 20) -> Tuple[M
     try:
         model = Model(reader.info, options)
         model.seed(reader.existing())
-        for b in reader.batches(batch):
+        for b in reader.batches(batch, read_ahead=True):
             model.apply(b)
     finally:
         reader.close()

@@ -3,8 +3,9 @@
     file    = preamble header_json header_crc chunk* [trailer-chunk]
     preamble= MAGIC(8) major(u16) minor(u16) header_len(u32)
     chunk   = type(4) payload_len(u32) payload_crc(u32) head_crc(u32) payload
-    EXST/EVNT payloads are packed struct ct_event records (header's record_size each);
-    TRLR's payload is JSON. All integers little-endian; CRCs are CRC-32 (zlib).
+    EXST/EVNT payloads hold n struct ct_event records stored field by field (version 2:
+    each field's n values in turn; version 1, still read: packed records); TRLR's
+    payload is JSON. All integers little-endian; CRCs are CRC-32 (zlib).
 
 Every chunk is written with one write() call, so a recorder killed at any moment
 leaves every chunk it finished readable.
@@ -13,22 +14,25 @@ leaves every chunk it finished readable.
 import io
 import json
 import os
+import queue
 import socket
 import stat
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ctrace import abi
+from ctrace.columns import FIELDS, Columns, field_dtype, field_shape
 from ctrace.files import create_private
 from ctrace.sources.base import SourceInfo
 from ctrace.status import CtraceError, ExitStatus
 
 MAGIC = b"\x89CTRACE\n"
-MAJOR = 1
+MAJOR = 2  # 2: records stored field by field; 1: packed records (read, not written)
 MINOR = 0
 PREAMBLE = struct.Struct("<8sHHI")
 CHUNK_HEAD = struct.Struct("<4sIII")  # type, payload_len, payload_crc, head_crc (of the first 12 bytes)
@@ -97,18 +101,19 @@ class RecordingWriter:
             n = os.write(self._fd, view)
             view = view[n:]
 
-    def _records(self, ctype: bytes, events: np.ndarray) -> None:
-        if events.dtype != abi.EVENT_DTYPE:
-            raise TypeError("events must be abi.EVENT_DTYPE records")
-        for lo in range(0, len(events), MAX_CHUNK_RECORDS):
-            part = np.ascontiguousarray(events[lo : lo + MAX_CHUNK_RECORDS])
-            self._write(_chunk(ctype, part.tobytes()))
+    def _records(self, ctype: bytes, events: Union[Columns, np.ndarray]) -> None:
+        if not isinstance(events, Columns) and events.dtype != abi.EVENT_DTYPE:
+            raise TypeError("events must be abi.EVENT_DTYPE records or Columns")
+        cols = Columns.of(events)
+        for lo in range(0, len(cols), MAX_CHUNK_RECORDS):
+            hi = min(lo + MAX_CHUNK_RECORDS, len(cols))
+            self._write(_chunk(ctype, b"".join(np.ascontiguousarray(cols[name][lo:hi]).tobytes() for name in FIELDS)))
 
-    def write_existing(self, events: np.ndarray) -> None:
+    def write_existing(self, events: Union[Columns, np.ndarray]) -> None:
         """The entries present when recording began (Kind.EXISTING)."""
         self._records(T_EXISTING, events)
 
-    def write_events(self, events: np.ndarray) -> None:
+    def write_events(self, events: Union[Columns, np.ndarray]) -> None:
         if not len(events):
             return
         self._records(T_EVENTS, events)
@@ -308,46 +313,155 @@ class Reader:
         self._done = True
         return None
 
-    def existing(self) -> np.ndarray:
+    def _fill(self, into: "_ColumnBuffer", payload: memoryview) -> None:
+        if self.major == 1:
+            into.add_packed(abi.decode(payload, self.record_size))
+        else:
+            into.add(payload, len(payload) // self.record_size)
+
+    def _chunks(self, ctype: bytes) -> Iterator[memoryview]:
+        """Payloads of the next run of record chunks of one type (the next one of another
+        type waits for the next call)."""
+        while True:
+            item = self._next_records()
+            if item is None:
+                return
+            if item[0] != ctype:
+                self._pending = item
+                return
+            yield item[1]
+
+    def existing(self) -> Columns:
         """The initial snapshot (the EXST chunks the writer puts first)."""
         parts = []
-        while True:
-            item = self._next_records()
-            if item is None:
-                break
-            if item[0] != T_EXISTING:
-                self._pending = item
-                break
-            parts.append(abi.decode(item[1], self.record_size).copy())
-        return abi.concat(parts)
+        for payload in self._chunks(T_EXISTING):
+            buf = _ColumnBuffer(len(payload) // self.record_size)
+            self._fill(buf, payload)
+            parts.append(buf.take())
+        return Columns.concat(parts)
 
-    def batches(self, max_records: int = 1 << 20) -> Iterator[np.ndarray]:
+    def batches(self, max_records: int = 1 << 20, read_ahead: bool = False) -> Iterator[Columns]:
         """Events in batches of up to max_records (more only when one chunk is larger).
-        A batch is valid until the next one is asked for: copy what you keep."""
-        out = abi.empty(max_records)
-        raw = out.view(np.uint8)
-        n = 0
-        while True:
-            item = self._next_records()
-            if item is None:
-                break
-            k = len(item[1]) // self.record_size
-            if n + k > max_records and n:
-                yield out[:n]
-                n = 0
-            if k > max_records or self.record_size != abi.EVENT_SIZE:
-                if n:
-                    yield out[:n]
-                    n = 0
-                yield abi.decode(item[1], self.record_size).copy()
+        A batch is valid until the next one is asked for: copy what you keep. The initial
+        snapshot is skipped if existing() was not called. read_ahead: a thread reads,
+        checks and lays out the next batch while the caller works on this one."""
+        for _ in self._chunks(T_EXISTING):
+            pass
+        cap = max(1, min(max_records, (self.size - self.pos) // self.record_size))
+        if not read_ahead:
+            yield from self._batches(_ColumnBuffer(cap))
+            return
+        yield from _read_ahead(self._batches(_ColumnBuffer(cap), _ColumnBuffer(cap)))
+
+    def _batches(self, *buffers: "_ColumnBuffer") -> Iterator[Columns]:
+        """Batches filled into `buffers` in turn."""
+        turn = 0
+        out = buffers[0]
+        for payload in self._chunks(T_EVENTS):
+            k = len(payload) // self.record_size
+            if out.n + k > out.cap and out.n:
+                yield out.take()
+                turn += 1
+                out = buffers[turn % len(buffers)]
+            if k > out.cap:
+                big = _ColumnBuffer(k)
+                self._fill(big, payload)
+                yield big.take()
                 continue
-            raw[n * abi.EVENT_SIZE : (n + k) * abi.EVENT_SIZE] = np.frombuffer(item[1], dtype=np.uint8)
-            n += k
-        if n:
-            yield out[:n]
+            self._fill(out, payload)
+        if out.n:
+            yield out.take()
 
     def close(self) -> None:
         self.f.close()
+
+
+# (field, byte offset in the record, bytes per record) of struct ct_event, in order.
+_LAYOUT = tuple((name, abi.FIELD_OFFSETS[name], abi.EVENT_DTYPE.fields[name][0].itemsize) for name in FIELDS)
+
+
+class _ColumnBuffer:
+    """Columns for up to `cap` records in one block of memory, filled chunk by chunk
+    with one slice copy per field (no per-record work, few numpy calls)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.n = cap, 0
+        self.raw = bytearray(cap * abi.EVENT_SIZE)
+        self.view = memoryview(self.raw)
+        self.cols = {
+            name: np.frombuffer(self.raw, dtype=field_dtype(name), count=cap * size // field_dtype(name).itemsize,
+                                offset=cap * off).reshape((cap,) + field_shape(name))
+            for name, off, size in _LAYOUT
+        }
+
+    def add(self, payload: memoryview, k: int) -> None:
+        """k records stored field by field (format version 2)."""
+        cap, n = self.cap, self.n
+        for _, off, size in _LAYOUT:
+            self.view[cap * off + n * size : cap * off + (n + k) * size] = payload[k * off : k * (off + size)]
+        self.n += k
+
+    def add_packed(self, records: np.ndarray) -> None:
+        """Packed records (format version 1)."""
+        k = len(records)
+        for name, col in self.cols.items():
+            col[self.n : self.n + k] = records[name]
+        self.n += k
+
+    def take(self) -> Columns:
+        """The records so far (views into the buffer), and start over."""
+        n, self.n = self.n, 0
+        return Columns({name: c[:n] for name, c in self.cols.items()}, n)
+
+
+_END = object()
+
+
+def _read_ahead(batches: Iterator[Columns]) -> Iterator[Columns]:
+    """Run a generator of batches that alternates between two buffers in a thread, one
+    batch ahead: the thread fills batch i+1 while the caller holds batch i, and starts
+    on batch i+2 (reusing batch i's buffer) only once the caller asks for batch i+1.
+    zlib and file reads release the GIL, so reading overlaps the caller's numpy work."""
+    ready: "queue.Queue[Any]" = queue.Queue(maxsize=1)
+    free = threading.Semaphore(2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while True:
+                free.acquire()
+                if stop.is_set():
+                    return
+                item = next(batches, _END)
+                ready.put(item)
+                if item is _END:
+                    return
+        except BaseException as exc:  # handed to the caller's thread
+            ready.put(exc)
+
+    worker = threading.Thread(target=produce, name="ctrace-read-ahead", daemon=True)
+    worker.start()
+    held = False
+    try:
+        while True:
+            item = ready.get()
+            if held:
+                free.release()  # the caller is done with the previous batch
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            held = True
+            yield item
+    finally:
+        stop.set()
+        free.release()
+        while worker.is_alive():
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 def open_reader(path: str) -> Reader:
@@ -360,11 +474,11 @@ def open_reader(path: str) -> Reader:
 
 
 def _whole(reader: Reader) -> Recording:
-    existing = reader.existing()
-    events = [b.copy() for b in reader.batches()]
+    existing = reader.existing().records()
+    events = Columns.concat([b.copy() for b in reader.batches()]).records()
     return Recording(
         reader.path, reader.major, reader.minor, reader.header, reader.info, existing,
-        abi.concat(events), reader.trailer, reader.damage, reader.skipped_chunks,
+        events, reader.trailer, reader.damage, reader.skipped_chunks,
     )
 
 

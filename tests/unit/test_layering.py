@@ -30,7 +30,7 @@ def test_only_the_live_source_imports_bcc():
 
 
 def test_views_import_only_the_model_layer():
-    allowed = {"ctrace.model", "ctrace.abi", "ctrace.keys", "ctrace.grouping", "ctrace.keytable", "ctrace.views.units"}
+    allowed = {"ctrace.model", "ctrace.abi", "ctrace.columns", "ctrace.keys", "ctrace.grouping", "ctrace.keytable", "ctrace.views.units"}
     for name, imps in modules():
         if name.startswith("views/"):
             ours = {i for i in imps if i.startswith("ctrace")}
@@ -38,10 +38,10 @@ def test_views_import_only_the_model_layer():
 
 
 def test_model_is_pure():
-    for name in ("model.py", "keys.py", "grouping.py", "keytable.py", "abi.py"):
+    for name in ("model.py", "columns.py", "keys.py", "grouping.py", "keytable.py", "abi.py"):
         imps = dict(modules())[name]
         ours = {i for i in imps if i.startswith("ctrace")}
-        assert ours <= {"ctrace.abi", "ctrace.grouping", "ctrace.keys", "ctrace.keytable", "ctrace.sources.base"}, (name, ours)
+        assert ours <= {"ctrace.abi", "ctrace.columns", "ctrace.grouping", "ctrace.keys", "ctrace.keytable", "ctrace.sources.base"}, (name, ours)
         assert not imps & {"os", "subprocess", "socket" if name != "keys.py" else "", "click", "bcc"} - {""}, (name, imps)
 
 

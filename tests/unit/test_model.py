@@ -184,3 +184,41 @@ def test_unlisted_unknown_entries_are_adopted():
     m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=1, t=0, src="10.0.0.1", sport=1111, flags=abi.FLAG_DUMP_ID)]))
     m.apply(seq([state(0xFFFF0001, 1, S.ESTABLISHED, src="10.0.0.7", sport=7777)]))
     assert m.snapshot().count == 2
+
+
+def test_big_live_table_same_result_whatever_the_batching():
+    """With more than 4,096 live entries the merge sets aside live entries a batch
+    cannot touch (a Bloom filter): batching must not change any number."""
+    rng = np.random.default_rng(7)
+    n = 20_000
+    ids = rng.permutation(np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x10001))
+    ev = abi.empty(3 * n)
+    ev["kind"][:n] = abi.Kind.NEW
+    ev["ct_id"][:n] = ids
+    ev["ct_state"][:n] = abi.TcpState.SYN_SENT
+    ev["kind"][n : 2 * n] = abi.Kind.STATE
+    ev["ct_id"][n : 2 * n] = ids
+    ev["ct_state"][n : 2 * n] = abi.TcpState.ESTABLISHED
+    closing = ids[rng.random(n) < 0.4]
+    k = len(closing)
+    ev["kind"][2 * n : 2 * n + k] = abi.Kind.DESTROY
+    ev["ct_id"][2 * n : 2 * n + k] = closing
+    ev["ct_state"][2 * n : 2 * n + k] = abi.TcpState.TIME_WAIT
+    ev["reason"][2 * n : 2 * n + k] = abi.DestroyReason.TIMEOUT
+    ev = ev[: 2 * n + k]
+    ev["ts_boot_ns"] = T0 + np.arange(len(ev), dtype=np.uint64) * np.uint64(1000)
+    ev["family"] = abi.AF_INET
+    ev["orig_src"][:, :4] = rng.integers(0, 256, (len(ev), 4))
+    ev["l4proto"] = abi.IPPROTO_TCP
+    results = []
+    for batch in (len(ev), 5000, 777):
+        m = Model(INFO)
+        for lo in range(0, len(ev), batch):
+            m.apply(ev[lo : lo + batch])
+        s = m.snapshot()
+        live = m.live
+        results.append((s.count, s.peak_count, s.inserts, s.removals, sorted(live["ct_id"].tolist()),
+                        np.bincount(live["ct_state"], minlength=10).tolist()))
+    assert results[0][0] == n - k and results[0][1] == n and results[0][3] == {"fin": k}
+    assert results[0][5][abi.TcpState.ESTABLISHED] == n - k
+    assert results[1] == results[0] and results[2] == results[0]
