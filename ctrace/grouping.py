@@ -7,7 +7,7 @@ slot to a different key try again with another hash; a few rounds resolve all.
 """
 
 import threading
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,7 +65,9 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         slot = slot.view(np.int64)
         table = _buffer("table", size, np.int32)
         table.fill(-1)
-        table[slot] = np.arange(len(remaining), dtype=np.int32)
+        # Written last to first: where numpy keeps the last write (it does not promise
+        # to), each group's claimant is its first row, which first_last() can use.
+        table[np.flip(slot)] = np.arange(len(remaining) - 1, -1, -1, dtype=np.int32)
         occupied = np.flatnonzero(table >= 0)
         claimant = table[occupied]
         same = np.ones(len(remaining), dtype=bool)
@@ -135,7 +137,11 @@ def group_min(m: int, gid: np.ndarray, values: np.ndarray, fill: Any) -> np.ndar
     return out
 
 
-def first_last(gid: np.ndarray, m: int) -> Tuple[np.ndarray, np.ndarray]:
-    """First and last row index of each of m groups (rows in order)."""
+def first_last(gid: np.ndarray, m: int, rep: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """First and last row index of each of m groups (rows in order). `rep` from
+    group_rows is usually each group's first row already: checked, then used."""
     idx = np.arange(len(gid), dtype=np.int64)
-    return group_min(m, gid, idx, len(gid)), group_max(m, gid, idx, -1)
+    last = group_max(m, gid, idx, -1)
+    if rep is not None and len(rep) == m and (rep[gid] <= idx).all():
+        return rep, last
+    return group_min(m, gid, idx, len(gid)), last

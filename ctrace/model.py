@@ -8,6 +8,7 @@ operations: no per-event Python.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple, Union
@@ -72,6 +73,16 @@ _ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", 
                   "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
 
+_PARALLEL_MIN = 1 << 16  # batch size from which the two halves of a fold run side by side
+_side: List[ThreadPoolExecutor] = []
+
+
+def _side_thread() -> ThreadPoolExecutor:
+    if not _side:
+        _side.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrace-fold"))
+    return _side[0]
+
+
 class _Cols:
     """The fields of records ev[idx], each gathered on first use: no record copies
     (fresh memory for whole records is the dearest thing a batch can ask for)."""
@@ -89,6 +100,13 @@ class _Cols:
             col = self.ev[name] if self.idx is None else self.ev[name][self.idx]
             self._cache[name] = col
         return col
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Field `name` of a few of these records (without gathering the whole field)."""
+        col = self._cache.get(name)
+        if col is not None:
+            return col[rows]
+        return self.ev[name][rows if self.idx is None else self.idx[rows]]
 
     def sub(self, sel: np.ndarray) -> "_Cols":
         return _Cols(self.ev, sel if self.idx is None else self.idx[sel])
@@ -274,11 +292,22 @@ class Model:
         for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
             self.counters[cid] = val
         entry = np.flatnonzero(_ENTRY_LUT[kind])
-        if len(entry):
-            self._merge_entries(ev, entry)
         keyed = np.flatnonzero(_KEYED_LUT[kind])
+        counting = None
         if len(keyed):
-            self._count_keys(_Cols(ev, keyed if len(keyed) < len(ev) else None))
+            cols = _Cols(ev, keyed if len(keyed) < len(ev) else None)
+            if len(ev) >= _PARALLEL_MIN and len(entry):
+                # The live table and the per-key counters share no state: on a big batch
+                # they are folded side by side (numpy releases the GIL in its loops).
+                counting = _side_thread().submit(self._count_keys, cols)
+            else:
+                self._count_keys(cols)
+        try:
+            if len(entry):
+                self._merge_entries(ev, entry)
+        finally:
+            if counting is not None:
+                counting.result()
 
     @property
     def live(self) -> Columns:
@@ -304,7 +333,7 @@ class Model:
         kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), ev["kind"][sel]])
         rep, gid = group_rows([np.concatenate([self._slots["ct_id"][slots], ev["ct_id"][sel]])])
         m = len(rep)
-        first, last = first_last(gid, m)
+        first, last = first_last(gid, m, rep)
         idx = np.arange(len(kind), dtype=np.int64)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
         seg = group_max(m, gid[births], idx[births], -1)
@@ -487,7 +516,7 @@ class Model:
         flat = np.concatenate([gid[r] * nc + c for r, c in zip(rows, cols)]) if rows else np.empty(0, np.int64)
         per_key = np.bincount(flat, minlength=m * nc).reshape(m, nc)
         rep_words = [w[rep] for w in words]
-        _, last = first_last(gid, m)
+        last = group_max(m, gid, np.arange(len(gid), dtype=np.int64), -1)
         seen = ev["ts_boot_ns"][last].astype(np.int64)
         where = self.ips.add(rep_words, per_key, seen)
         if len(drop):
@@ -497,7 +526,7 @@ class Model:
 
     def _keep_drop_samples(self, ev: "_Cols", drop: np.ndarray, gid: np.ndarray, where: np.ndarray) -> None:
         """The latest refused tuple of each address in this batch, a few per address."""
-        _, last = first_last(gid[drop], int(gid.max()) + 1)
+        last = group_max(int(gid.max()) + 1, gid[drop], np.arange(len(drop), dtype=np.int64), -1)
         for g in np.flatnonzero(last >= 0).tolist():
             row = int(where[g])
             if row < 0:
@@ -537,7 +566,7 @@ class Model:
         is_closed = np.concatenate([np.ones(len(closed), bool), np.zeros(len(expired), bool)])[order]
         keep = self.opt.orphan_list_max
         rows = both[order][-keep:]
-        part = {name: ev[name][rows] for name in _ORPHAN_FIELDS}
+        part = {name: ev.take(name, rows) for name in _ORPHAN_FIELDS}
         part["_closed"] = is_closed[-keep:]
         self._orphan_parts.append((len(rows), part))
         self._orphans_pending += len(rows)
