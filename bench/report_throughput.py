@@ -120,8 +120,14 @@ def main() -> None:
         out = (vectorised if args.only == "vectorised" else per_event_loop)(args.file)
         print(args.only, out["events"]["total"] if isinstance(out.get("events"), dict) else out["events"])
         return
-    tmp = tempfile.mkdtemp(prefix="ctrace-bench-")
-    path = args.file or os.path.join(tmp, "bench.ctr")
+    if args.file:
+        run(args, args.file)
+        return
+    with tempfile.TemporaryDirectory(prefix="ctrace-bench-") as tmp:
+        run(args, os.path.join(tmp, "bench.ctr"))
+
+
+def run(args: argparse.Namespace, path: str) -> None:
     if not os.path.exists(path):
         t = time.perf_counter()
         n = build(path, args.events)
