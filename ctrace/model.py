@@ -599,8 +599,10 @@ class Model:
         interval = max(0.0, (now - self._prev_snapshot_ns) / NS)
         ips, prefixes, netns = self._row_tables(now, interval)
         self._prev_snapshot_ns = now
-        window = min(float(self.opt.rate_window_s), max(0.0, (now - self.start_boot_ns) / NS))
+        # Whole one-second buckets from lo_sec up to the current, partial one: they
+        # cover [max(lo_sec, start), now], between W and W+1 s; rates divide by that.
         lo_sec = now // NS - self.opt.rate_window_s
+        window = max(0.0, (now - max(lo_sec * NS, self.start_boot_ns)) / NS)
         w_ins = sum(v[0] for s, v in self._per_sec.items() if s >= lo_sec)
         w_rem = sum(v[1] for s, v in self._per_sec.items() if s >= lo_sec)
         tracked_live = int(ips.live.sum())

@@ -133,6 +133,22 @@ def test_rates_window_and_time_to_full():
     assert s.time_to_full_s(window=False) == pytest.approx((100 - 20) / 0.2)
 
 
+def test_window_rates_mid_second_are_exact():
+    """A steady 4/s: the window rate is 4/s wherever `now` falls inside a second (the
+    buckets cover W plus the current partial second, and the rate divides by that)."""
+    b = seq([new(i, i * 0.25) for i in range(400)] + [destroy(i, 3 + i * 0.25, S.TIME_WAIT) for i in range(380)])
+    b = b[np.argsort(b["ts_boot_ns"], kind="stable")]
+    for t in (50.0, 50.3, 50.7, 50.99):
+        m = fold(b[b["ts_boot_ns"] <= T0 + int(t * NS)], rate_window_s=10)  # as a replay folds up to t
+        s = m.snapshot(T0 + int(t * NS))
+        ins = sum(1 for i in range(400) if int(t) - 10 <= i * 0.25 <= t)
+        assert s.window_s == pytest.approx(10 + t - int(t))
+        assert s.window_insert_rate == pytest.approx(ins / s.window_s) == pytest.approx(4.0, rel=0.03)
+        assert s.window_expire_rate == pytest.approx(4.0, rel=0.03)
+    early = fold(b[b["ts_boot_ns"] <= T0 + int(4.5 * NS)], rate_window_s=10).snapshot(T0 + int(4.5 * NS))
+    assert early.window_s == pytest.approx(4.5)
+
+
 def test_lost_and_counters_in_band():
     m = fold(seq([dict(kind=abi.Kind.LOST, reason=abi.LostCause.RINGBUF_FULL, value=7, t=1),
                   dict(kind=abi.Kind.LOST, reason=abi.LostCause.RINGBUF_FULL, value=3, t=2),
