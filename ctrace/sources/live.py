@@ -54,24 +54,29 @@ def bpf_dir() -> Path:
 # ---------------------------------------------------------------- preflight
 
 
-def _cap_eff() -> int:
+def _cap_eff() -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     return int(line.split()[1], 16)
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return 0
+    return None
 
 
 def check_privileges() -> None:
-    if os.geteuid() == 0:
-        return
+    """The effective capabilities decide, for root too: root without them (a container,
+    `setpriv --bounding-set=-all`) would otherwise fail only after the compile."""
     caps = _cap_eff()
+    if caps is None:  # no /proc: trust the uid
+        caps = -1 if os.geteuid() == 0 else 0
     cap_sys_admin, cap_perfmon, cap_bpf = 1 << 21, 1 << 38, 1 << 39
     if caps & cap_sys_admin or (caps & cap_bpf and caps & cap_perfmon):
         return
+    if os.geteuid() == 0:
+        raise CtraceError("tracing needs CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN) and this root process has "
+                          "neither (a container without them?)", ExitStatus.NO_PRIVILEGE)
     raise CtraceError("tracing needs root (or CAP_BPF+CAP_PERFMON): run it with sudo",
                       ExitStatus.NO_PRIVILEGE)
 
