@@ -1,28 +1,36 @@
-"""ctrace record as a process: ready file, signals, clean detach (lab guest only).
+"""ctrace record as a process: ready file, signals, clean detach, loss (lab guest only).
 
-Two compiles (one per process): SIGTERM must close the recording properly and
-detach everything; after SIGKILL no probe may be left behind either.
+Two compiles (one per process). The first recorder (a 1 MiB ring) is SIGSTOPped
+through a burst larger than its ring, continued, then stopped with SIGTERM: the
+recording must be closed properly, everything detached, and every lost event counted
+and marked in the stream. After SIGKILL no probe may be left behind either.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Any, Dict, Iterator
 
-from lab_toolkit import Topology, close_fin, conntrack_flush
+import numpy as np
+import pytest
+
+from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, sysctls
 
 from ctrace import abi
 from ctrace.recording import read
 
 
-def start(tmp_path, name):  # type: ignore[no-untyped-def]
+def start(tmp_path, name, *extra: str):  # type: ignore[no-untyped-def]
     out = tmp_path / f"{name}.ctr"
     ready = tmp_path / f"{name}.ready"
-    p = subprocess.Popen([sys.executable, "-m", "ctrace", "record", "-o", str(out), "--ready-file", str(ready)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "ctrace", "record", "-o", str(out), "--ready-file", str(ready),
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 400
     while not ready.exists():
         assert p.poll() is None, p.communicate()
@@ -37,8 +45,6 @@ def bpf_progs() -> set:
         out = subprocess.run(["bpftool", "-j", "prog", "show"], stdout=subprocess.PIPE, text=True).stdout
     except OSError:
         return set()
-    import json
-
     return {(p.get("id"), p.get("name", "")) for p in json.loads(out or "[]")}
 
 
@@ -55,24 +61,116 @@ def leftovers(pid: int, before: set) -> list:
     return found
 
 
-def test_sigterm_closes_recording(tmp_path) -> None:  # type: ignore[no-untyped-def]
+RING_PAGES = 256  # 1 MiB: ~7,280 records
+BURST_PER_IP = 3000  # x 3 addresses: ~9,000 NEW records
+
+
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+@pytest.fixture(scope="module")
+def stopped_recorder(tmp_path_factory) -> Iterator[Dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """One recorder for the two tests below: a few clean closes and a flush, then SIGSTOP,
+    a burst of UDP entries larger than its ring, SIGCONT, SIGTERM."""
+    tmp = tmp_path_factory.mktemp("rec")
     before = bpf_progs()
-    p, out = start(tmp_path, "term")
-    with Topology.create() as topo:
-        server = topo.tcp_server()
-        conns = topo.connect(topo.client_v4[0], 5, server)
-        close_fin(conns)
-        conntrack_flush(topo.server_ns)
-        time.sleep(1.5)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    p, out = start(tmp, "term", "--ring-pages", str(RING_PAGES))
+    r: Dict[str, Any] = {"p": p, "out": out, "before": before}
+    try:
+        with Topology.create() as topo:
+            server = topo.tcp_server()
+            conns = topo.connect(topo.client_v4[0], 5, server)
+            close_fin(conns)
+            conntrack_flush(topo.server_ns)
+            time.sleep(1.5)
+        with Topology.create() as topo:
+            r["ino"] = os.stat(f"/run/netns/{topo.server_ns}").st_ino
+            sink = topo.udp_sink()
+            with sysctls({"net.netfilter.nf_conntrack_udp_timeout": 600}, ns=topo.server_ns):
+                time.sleep(1.0)  # the recorder drains what the set-up produced
+                os.kill(p.pid, signal.SIGSTOP)
+                t = time.monotonic()
+                while process_state(p.pid) != "T":
+                    assert time.monotonic() - t < 10, "recorder never stopped"
+                    time.sleep(0.05)
+                r["stopped_ns"] = boottime_ns()
+                sent = []
+                for ip in topo.client_v4:
+                    sent += topo.send_udp(ip, BURST_PER_IP, sink)
+                r["sent"] = sent
+                r["listed"] = len(conntrack_list(topo.server_ns, "ipv4"))
+                time.sleep(1.0)  # older than the recorder's 300 ms hold-back when it wakes
+                r["continued_ns"] = boottime_ns()
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(2.0)  # several drains
+        p.send_signal(signal.SIGTERM)
+        _, r["err"] = p.communicate(timeout=60)
+        yield r
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=60)
+
+
+def test_sigterm_closes_recording(stopped_recorder) -> None:  # type: ignore[no-untyped-def]
+    r = stopped_recorder
+    p, err = r["p"], r["err"]
     assert p.returncode == 0, err
     assert "recording to" in err and "wrote" in err, err
-    rec = read(str(out))
+    rec = read(str(r["out"]))
     assert rec.trailer is not None and rec.trailer.get("stopped_by", {}).get("signal") == "SIGTERM"
     new = rec.events[rec.events["kind"] == abi.Kind.NEW]
     assert len(new) >= 5
-    assert not leftovers(p.pid, before)
+    assert not leftovers(p.pid, r["before"])
+
+
+def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> None:  # type: ignore[no-untyped-def]
+    """The recorder stopped with SIGSTOP during a burst larger than its ring: delivered NEW
+    records of the burst's namespace + counted lost = generated = `conntrack -L`, lost > 0.
+    The ring drops the newest records once full, so the delivered ones are the burst's
+    first; the recorder notices the loss at its first drain after SIGCONT and writes one
+    LOST record (value = lost, cause ringbuf_full) with that drain's time: in the stream it
+    comes right after the last delivered record, before anything recorded later."""
+    r = stopped_recorder
+    assert r["p"].returncode == 0, r["err"]
+    rec = read(str(r["out"]))
+    ev = rec.events
+    sent = list(dict.fromkeys(r["sent"]))  # a reused source port finds the earlier entry: no new one
+    n = len(sent)
+    assert n == r["listed"]
+    # netns inodes are reused (the first topology's server had this one too): time decides
+    burst = (ev["kind"] == abi.Kind.NEW) & (ev["netns_ino"] == r["ino"]) & (ev["ts_boot_ns"] >= r["stopped_ns"])
+    delivered = int(burst.sum())
+    lost_rec = np.flatnonzero(ev["kind"] == abi.Kind.LOST)
+    lost = int(ev["value"][lost_rec].sum())
+    trailer_lost = sum(rec.trailer["lost_bpf"].values())
+    with open(os.path.join(lab_out, "record-sigstop.json"), "w") as f:
+        json.dump({"generated": n, "delivered": delivered, "lost": lost, "lost_bpf": rec.trailer["lost_bpf"],
+                   "produced": rec.trailer.get("produced"), "ring_pages": RING_PAGES,
+                   "lost_records": [(int(ev["ts_boot_ns"][i]), int(ev["reason"][i]), int(ev["value"][i]))
+                                    for i in lost_rec],
+                   "stopped_ns": r["stopped_ns"], "continued_ns": r["continued_ns"]}, f, indent=1)
+    assert lost > 0
+    assert delivered + lost == n, (delivered, lost, n)
+    assert trailer_lost == lost == rec.trailer["lost_bpf"]["ringbuf_full"]
+    # where: one LOST record, written at the first drain after SIGCONT ...
+    assert len(lost_rec) == 1, lost_rec
+    i = int(lost_rec[0])
+    assert int(ev["reason"][i]) == abi.LostCause.RINGBUF_FULL
+    assert r["continued_ns"] <= int(ev["ts_boot_ns"][i]) <= r["continued_ns"] + 2_000_000_000
+    # ... after every delivered record of the burst, and those are the burst's first
+    idx = np.flatnonzero(burst)
+    assert idx.max() < i
+    between = ev["kind"][idx.max() + 1 : i]
+    assert set(between.tolist()) <= {abi.Kind.COUNTER}, between
+    got = sorted((str(ipaddress.ip_address(bytes(x["orig_src"][:4]))), int(x["orig_sport_be"])) for x in ev[idx])
+    assert got == sorted((src, sport) for src, _, sport, _ in sent[:delivered])
 
 
 def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-def]
