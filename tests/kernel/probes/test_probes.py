@@ -494,8 +494,15 @@ def test_churn_rates(live, lab_out: str) -> None:  # type: ignore[no-untyped-def
             began = time.monotonic()
             out = run([sys.executable, "-c", _CHURN, client, sink.addr, str(sink.port), str(CHURN_RATE), str(n),
                        "20000"], ns=topo.client_ns, timeout=CHURN_SECONDS * 4)
-            col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY, since=t0)) >= n, EXPIRY_WAIT_S,
-                     "expiry of the churned entries")
+            try:
+                col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY, since=t0)) >= n, EXPIRY_WAIT_S,
+                         "expiry of the churned entries")
+            except AssertionError as e:
+                dump("churn", col.select(ino, None, since=t0))
+                raise AssertionError(f"{e}: NEW {len(col.select(ino, abi.Kind.NEW, since=t0))}, DESTROY "
+                                     f"{len(col.select(ino, abi.Kind.DESTROY, since=t0))}, table "
+                                     f"{conntrack_count(topo.server_ns)}, sent {len(out.splitlines())} of {n}, "
+                                     f"lost {src.lost_counts()}") from None
             time.sleep(0.5)
             left = conntrack_count(topo.server_ns)
             took = time.monotonic() - began
