@@ -8,6 +8,9 @@
  *   CT_MAP_ENTRIES              live-entry maps (>= nf_conntrack_max)
  *   CT_IP_ENTRIES               per netns+IP aggregate map
  *
+ *   CT_FENTRY                   also build the fentry/fexit variants (bcc
+ *                               MODULE_KFUNC_PROBE), see the end of this file
+ *
  * Entry/return pairs (kprobe+kretprobe) hand arguments to the return probe
  * through a small per-CPU stack per function: these functions never sleep and
  * run with bottom halves or preemption effectively off, so a softirq nesting
@@ -399,21 +402,24 @@ static __always_inline void on_drop(void *ctx, u8 reason, u64 ctp, u32 netns, u1
 }
 
 /* __nf_conntrack_confirm(struct sk_buff *skb) -> NF_ACCEPT / NF_DROP */
-int confirm_e(struct pt_regs *ctx)
+static __always_inline int on_confirm_e(struct sk_buff *skb)
 {
-	struct sk_buff *skb = (struct sk_buff *)PT_REGS_PARM1(ctx);
 	unsigned long nfct = 0;
 	bpf_probe_read_kernel(&nfct, sizeof(nfct), &skb->_nfct);
 	stash_push(ST_CONFIRM, (u64)skb, nfct & CT_NFCT_PTRMASK);
 	return 0;
 }
 
-int confirm_x(struct pt_regs *ctx)
+int confirm_e(struct pt_regs *ctx)
+{
+	return on_confirm_e((struct sk_buff *)PT_REGS_PARM1(ctx));
+}
+
+static __always_inline int on_confirm_x(void *ctx, int ret)
 {
 	u64 skbp = 0, ctp = 0;
 	if (!stash_pop(ST_CONFIRM, &skbp, &ctp) || !ctp)
 		return 0;
-	int ret = (int)PT_REGS_RC(ctx);
 	if (ret == NF_DROP) {
 		struct ct_info ci = {};
 		ct_read((struct nf_conn *)ctp, &ci);
@@ -435,6 +441,11 @@ int confirm_x(struct pt_regs *ctx)
 	return 0;
 }
 
+int confirm_x(struct pt_regs *ctx)
+{
+	return on_confirm_x(ctx, (int)PT_REGS_RC(ctx));
+}
+
 /* __nf_conntrack_alloc(net, zone, orig, repl, gfp, hash) -> ct or ERR_PTR.
  * ERR_PTR(-ENOMEM) after early_drop found nothing to evict = table full. */
 int alloc_e(struct pt_regs *ctx)
@@ -445,18 +456,23 @@ int alloc_e(struct pt_regs *ctx)
 	return 0;
 }
 
-int alloc_x(struct pt_regs *ctx)
+static __always_inline int on_alloc_x(void *ctx, u64 rc)
 {
 	u64 net = 0, orig = 0;
 	if (!stash_pop(ST_ALLOC, &net, &orig))
 		return 0;
-	if (!CT_IS_ERR(PT_REGS_RC(ctx)) || !orig)
+	if (!CT_IS_ERR(rc) || !orig)
 		return 0;
 	struct nf_conntrack_tuple t = {};
 	bpf_probe_read_kernel(&t, sizeof(t), (void *)orig);
 	tuple_clean(&t);
 	on_drop(ctx, CT_DROP_TABLE_FULL, 0, net_inum((struct net *)net), 0, &t, NULL, 0, 0);
 	return 0;
+}
+
+int alloc_x(struct pt_regs *ctx)
+{
+	return on_alloc_x(ctx, PT_REGS_RC(ctx));
 }
 
 /* ---------------------------------------------------------------- removal */
@@ -530,25 +546,33 @@ static __always_inline void on_removed(void *ctx, u64 ctp)
 
 /* nf_ct_delete(ct, portid, report) -> bool: the removal choke point where it
  * is not inlined. IPS_DYING already set: someone else is removing it. */
-int delete_e(struct pt_regs *ctx)
+static __always_inline int on_delete_e(void *ctx, u64 ctp)
 {
-	u64 ctp = PT_REGS_PARM1(ctx);
 	if (ct_read_status((struct nf_conn *)ctp) & IPS_DYING)
 		return 0;
 	on_removed(ctx, ctp);
 	return 0;
 }
 
+int delete_e(struct pt_regs *ctx)
+{
+	return on_delete_e(ctx, PT_REGS_PARM1(ctx));
+}
+
 /* Entry free: destroy_conntrack(nfct) before 5.19, nf_ct_destroy(nfct) after
  * (the rename is detected by symbol, see kernel.py). nfct is the first member
  * of struct nf_conn. A confirmed entry is only freed after it left the table,
  * so this catches removals whose nf_ct_delete was inlined into its caller. */
-int destroy_e(struct pt_regs *ctx)
+static __always_inline int on_destroy_e(void *ctx, u64 ctp)
 {
-	u64 ctp = PT_REGS_PARM1(ctx);
 	on_removed(ctx, ctp);
 	gone.delete(&ctp);
 	return 0;
+}
+
+int destroy_e(struct pt_regs *ctx)
+{
+	return on_destroy_e(ctx, PT_REGS_PARM1(ctx));
 }
 
 static __always_inline void task_tag(u32 reason)
@@ -601,14 +625,18 @@ int untag_x(struct pt_regs *ctx)
 /* ---------------------------------------------------------------- TCP state */
 
 /* nf_conntrack_tcp_packet(ct, skb, dataoff, ctinfo, state) */
-int tcp_e(struct pt_regs *ctx)
+static __always_inline int on_tcp_e(u64 ctp)
 {
-	u64 ctp = PT_REGS_PARM1(ctx);
 	stash_push(ST_TCP, ctp, ct_read_state((struct nf_conn *)ctp));
 	return 0;
 }
 
-int tcp_x(struct pt_regs *ctx)
+int tcp_e(struct pt_regs *ctx)
+{
+	return on_tcp_e(PT_REGS_PARM1(ctx));
+}
+
+static __always_inline int on_tcp_x(void *ctx)
 {
 	u64 ctp = 0, old = 0;
 	if (!stash_pop(ST_TCP, &ctp, &old) || !ctp)
@@ -637,6 +665,11 @@ int tcp_x(struct pt_regs *ctx)
 	}
 	ev_submit(ctx, e);
 	return 0;
+}
+
+int tcp_x(struct pt_regs *ctx)
+{
+	return on_tcp_x(ctx);
 }
 
 /* ---------------------------------------------------------------- sockets */
@@ -775,3 +808,105 @@ int tcp_set_state_e(struct pt_regs *ctx)
 	on_sock_close(ctx, sk, old);
 	return 0;
 }
+
+/* ---------------------------------------------------------------- fentry/fexit
+ *
+ * The same probes through BPF trampolines, for kernels whose modules have BTF
+ * (/sys/kernel/btf/nf_conntrack, CONFIG_DEBUG_INFO_BTF_MODULES, 5.11) with a
+ * bcc that attaches to module functions (MODULE_KFUNC_PROBE: bcc commit
+ * "bcc: Add module kfunc/kretfunc support"; bcc's plain KFUNC_PROBE looks
+ * only in vmlinux BTF and fails with ENOENT for a module function). Names are
+ * kfunc__<module>__<function>; ctrace/kernel.py (fentry_programs) must agree.
+ * bcc's auto-attach is off (live.py): each is loaded and attached only if the
+ * plan chose it, and the plan falls back to the kprobe programs above if its
+ * load fails. The program bodies are the kprobe ones.
+ *
+ * fexit sees the parameters, then the return value: a program that reads the
+ * return value declares every parameter, and the plan checks the count
+ * against the function's BTF prototype (kernel.py _FENTRY_VARIANTS). */
+#if defined(CT_FENTRY) && defined(MODULE_KFUNC_PROBE)
+MODULE_KFUNC_PROBE(nf_conntrack, __nf_conntrack_confirm, struct sk_buff *skb)
+{
+	return on_confirm_e(skb);
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack, __nf_conntrack_confirm, struct sk_buff *skb, int ret)
+{
+	return on_confirm_x(ctx, ret);
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, __nf_conntrack_alloc, struct net *net, void *zone, void *orig)
+{
+	stash_push(ST_ALLOC, (u64)net, (u64)orig);
+	return 0;
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack, __nf_conntrack_alloc, struct net *net, void *zone, void *orig,
+		      void *repl, u64 gfp, u64 hash, void *ret)
+{
+	return on_alloc_x(ctx, (u64)ret);
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, nf_ct_delete, struct nf_conn *ct)
+{
+	return on_delete_e(ctx, (u64)ct);
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, nf_ct_destroy, void *nfct)
+{
+	return on_destroy_e(ctx, (u64)nfct);
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, destroy_conntrack, void *nfct)
+{
+	return on_destroy_e(ctx, (u64)nfct);
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, early_drop, void *net)
+{
+	u32 zero = 0, r = CT_DESTROY_EARLY_DROP;
+	cpu_reason.update(&zero, &r);
+	return 0;
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack, early_drop, void *net)
+{
+	u32 zero = 0, r = 0;
+	cpu_reason.update(&zero, &r);
+	return 0;
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack_netlink, ctnetlink_del_conntrack, void *a0)
+{
+	task_tag(CT_DESTROY_DELETE);
+	return 0;
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack_netlink, ctnetlink_del_conntrack, void *a0)
+{
+	task_untag();
+	return 0;
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, nf_conntrack_cleanup_net_list, void *list)
+{
+	task_tag(CT_DESTROY_NETNS);
+	return 0;
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack, nf_conntrack_cleanup_net_list, void *list)
+{
+	task_untag();
+	return 0;
+}
+
+MODULE_KFUNC_PROBE(nf_conntrack, nf_conntrack_tcp_packet, struct nf_conn *ct)
+{
+	return on_tcp_e((u64)ct);
+}
+
+MODULE_KRETFUNC_PROBE(nf_conntrack, nf_conntrack_tcp_packet, struct nf_conn *ct)
+{
+	return on_tcp_x(ctx);
+}
+#endif /* CT_FENTRY && MODULE_KFUNC_PROBE */

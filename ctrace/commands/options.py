@@ -25,3 +25,14 @@ def build_model_options(by: str, prefix4: int, prefix6: int, max_keys: int) -> M
         return ModelOptions(keys=KeySpace(by=by, prefix_v4=prefix4, prefix_v6=prefix6), max_keys=max_keys)
     except ValueError as exc:
         raise CtraceError(str(exc), ExitStatus.USAGE) from None
+
+
+ATTACH_METHODS = ("auto", "kprobe", "fentry")  # ctrace.kernel.METHODS (kept import-light)
+
+
+def attach_method_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--attach-method auto|kprobe|fentry (default: $CTRACE_ATTACH_METHOD, else auto)."""
+    return click.option("--attach-method", "attach_method", type=click.Choice(ATTACH_METHODS), default=None,
+                        help="How to attach the kernel function probes: fentry/fexit where BTF and the loader "
+                             "allow, else kprobes (auto); kprobes only; or fentry/fexit or fail. "
+                             "[default: $CTRACE_ATTACH_METHOD, else auto]")(fn)

@@ -9,6 +9,7 @@ import click
 
 from ctrace import abi
 from ctrace.env import Environment
+from ctrace.commands.options import attach_method_option
 from ctrace.status import CtraceError, ExitStatus
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -29,9 +30,10 @@ def _touch(path: str) -> None:
 @click.option("--ring-pages", type=click.IntRange(8, 1 << 20), default=4096, show_default=True,
               help="BPF ring buffer size in pages (rounded up to a power of two).")
 @click.option("-v", "--verbose", is_flag=True, help="Print compiler and verifier logs in full on failure.")
+@attach_method_option
 @click.pass_obj
 def command(env: Environment, output: str, duration: Optional[float], ready_file: Optional[str],
-            interval: float, ring_pages: int, verbose: bool) -> ExitStatus:
+            interval: float, ring_pages: int, verbose: bool, attach_method: Optional[str]) -> ExitStatus:
     """Record conntrack events from the running kernel until SIGINT/SIGTERM/SIGHUP or --duration.
 
     The recording starts with the entries that already exist, then every
@@ -61,7 +63,8 @@ def command(env: Environment, output: str, duration: Optional[float], ready_file
     old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     writer = None
     try:
-        src = LiveSource(interval=interval, ring_pages=ring_pages, verbose=verbose, log=env.stderr)
+        src = LiveSource(interval=interval, ring_pages=ring_pages, verbose=verbose, log=env.stderr,
+                         method=attach_method)
         if stop_reason:
             return ExitStatus.OK
         writer = RecordingWriter.create(output, src.info)

@@ -2,7 +2,9 @@
 
 The only module that imports bcc. Order of start-up, so the picture is exact
 from the first second: preflight checks -> plan (ctrace.kernel) -> one compile
--> attach every probe (return probes before entry probes) -> read the entries
+-> attach every probe (return probes before entry probes; a fentry/fexit pair
+whose load fails falls back to its kprobes, unless fentry was demanded)
+-> read the entries
 that already exist -> drain what the probes saw meanwhile (an entry that shows
 up both as NEW and in the listing keeps only its NEW) -> stream.
 """
@@ -170,6 +172,47 @@ def captured_stderr() -> Iterator[List[str]]:
             out.append(tmp.read().decode("utf-8", "replace"))
 
 
+ATTACH_METHOD_ENV = "CTRACE_ATTACH_METHOD"
+
+
+def attach_method(method: Optional[str] = None) -> str:
+    """The attach method asked for: the argument, else $CTRACE_ATTACH_METHOD, else auto."""
+    m = method or os.environ.get(ATTACH_METHOD_ENV) or kernel.METHOD_AUTO
+    if m not in kernel.METHODS:
+        raise CtraceError(f"attach method must be one of {', '.join(kernel.METHODS)}, not {m!r}"
+                          f"{' (from $' + ATTACH_METHOD_ENV + ')' if not method else ''}", ExitStatus.USAGE)
+    return m
+
+
+def loader_facts() -> Tuple[bool, str]:
+    """(bcc can attach fentry/fexit to module functions, why not): a feature
+    test of the installed bcc (kernel.loader_verdict), never its version."""
+    try:
+        import bcc
+    except ImportError:
+        return kernel.loader_verdict(None, None)
+    except Exception as exc:  # a broken install raises more than ImportError
+        return False, f"bcc does not import ({type(exc).__name__}), so no fentry"
+    return kernel.loader_verdict(bcc.BPF, kernel.libbcc_path())
+
+
+def detect(method: Optional[str] = None) -> kernel.ProbePlan:
+    """The attach plan for the running kernel and the installed bcc."""
+    return kernel.detect(method=attach_method(method), loader=loader_facts)
+
+
+def _no_autoload(bcc: Any) -> Any:
+    """bcc's BPF without auto-attach: it would attach every kfunc__ program at
+    load, and one that fails would fail the whole object. ctrace attaches each
+    program itself, as the plan says."""
+
+    class BPF(bcc.BPF):  # type: ignore[misc,name-defined]
+        def _trace_autoload(self) -> None:
+            pass
+
+    return BPF
+
+
 def _log_tail(log: str, n: int = 3) -> str:
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) if lines else "(no log)"
@@ -191,7 +234,7 @@ class LiveSource(Source):
     def __init__(self, interval: float = 0.2, ring_pages: int = DEFAULT_RING_PAGES,
                  map_entries: Optional[int] = None, verbose: bool = False,
                  counter_every: float = 1.0, read_existing: bool = True,
-                 log: Any = None) -> None:
+                 log: Any = None, method: Optional[str] = None) -> None:
         self.interval = interval
         self.counter_every = counter_every
         self.verbose = verbose
@@ -205,7 +248,10 @@ class LiveSource(Source):
         self._last_counter = 0.0
         self._existing = abi.empty(0)
         self.orphans_withdrawn = 0
+        self.attach_seconds = 0.0
+        self.fentry_fallbacks: List[str] = []  # "function: why" of fentry loads that failed
 
+        method = attach_method(method)
         release = os.uname().release
         check_privileges()
         bcc = import_bcc()
@@ -213,11 +259,16 @@ class LiveSource(Source):
         check_headers(release)
         self.cleared = clear_orphan_kprobes()
         load_module("nf_conntrack_netlink")
-        self.plan = kernel.detect()
+        self.plan = detect(method)
         missing = self.plan.missing_required()
         if missing:
             p = missing[0]
             raise CtraceError(f"cannot attach {p.name} on {release}: {p.why}", ExitStatus.ATTACH_FAILED)
+        unmet = self.plan.unmet()
+        if unmet:
+            p = unmet[0]
+            raise CtraceError(f"cannot attach fentry to {p.function} ({p.name}) on {release}: "
+                              f"{p.why.rsplit('fentry impossible: ', 1)[-1]}", ExitStatus.ATTACH_FAILED)
 
         sysctls = sysinfo.read_sysctls()
         ct_max = sysctls.get("nf_conntrack_max", 65536)
@@ -237,7 +288,7 @@ class LiveSource(Source):
         t0 = time.monotonic()
         with captured_stderr() as logs:
             try:
-                self._b = bcc.BPF(text=src.encode(), cflags=cflags)
+                self._b = _no_autoload(bcc)(text=src.encode(), cflags=cflags)
             except Exception as exc:  # bcc raises bare Exception
                 self._b = None
                 err: Optional[Exception] = exc
@@ -249,12 +300,14 @@ class LiveSource(Source):
                 self._log.write(log_text)
             raise CtraceError(f"BPF compile failed on {release}: {_log_tail(log_text)}", ExitStatus.ERROR)
         self.compile_seconds = time.monotonic() - t0
+        t0 = time.monotonic()
         try:
             self._attach_all(release)
             self._open_output()
         except BaseException:
             self.close()
             raise
+        self.attach_seconds = time.monotonic() - t0
         self.start_boot_ns = boot_ns()
         self.boot_to_wall_ns = time.time_ns() - boot_ns()
         self.problems: List[str] = []
@@ -271,19 +324,59 @@ class LiveSource(Source):
             probes=self.plan.probes_info(),
             synthetic=False,
             extra={"plan": self.plan.to_json(), "ring_pages": pages, "map_entries": map_entries,
-                   "existing_problems": list(self.problems)},
+                   "existing_problems": list(self.problems),
+                   "compile_seconds": round(self.compile_seconds, 2),
+                   "attach_seconds": round(self.attach_seconds, 2)},
         )
 
     # ------------------------------------------------------------ attach
+
+    def _load_fentry(self, p: kernel.Probe, release: str) -> kernel.Probe:
+        """Load p's fentry/fexit programs (the BTF lookup and the verifier
+        run here). On failure: p's kprobe fallback, its why saying what failed
+        (or, when fentry was demanded, a one-line error)."""
+        b = self._b
+        with captured_stderr() as logs:
+            try:
+                for name in (p.ret, p.entry):
+                    if name:
+                        b.load_func(name.encode(), b.TRACING)
+                err: Optional[Exception] = None
+            except Exception as exc:
+                err = exc
+        if err is None:
+            return p
+        log_text = "".join(logs)
+        if self.verbose:
+            self._log.write(log_text)
+        detail = f"{str(err).strip()} ({_log_tail(log_text, 2)})"
+        if self.plan.method == kernel.METHOD_FENTRY or p.fallback is None:
+            raise CtraceError(f"cannot load fentry for {p.function} on {release}: {detail}",
+                              ExitStatus.ATTACH_FAILED)
+        self.fentry_fallbacks.append(f"{p.function}: {detail}")
+        self._log.write(f"ctrace: note: fentry load failed for {p.function}, using kprobes: {detail}\n")
+        kp = p.fallback
+        return kernel.Probe(kp.name, kp.function, kp.method,
+                            f"{kp.why}; fentry load failed: {detail}",
+                            kp.entry, kp.ret, kp.required)
 
     def _attach_all(self, release: str) -> None:
         b = self._b
         for p in self.plan.probes:
             if not p.attached:
                 continue
+            if p.method in (kernel.FENTRY, kernel.FENTRY_FEXIT):
+                q = self._load_fentry(p, release)
+                if q is not p:
+                    self.plan = self.plan.replace(q)
+                    p = q
             with captured_stderr() as logs:
                 try:
-                    if p.method == kernel.RAW_TRACEPOINT:
+                    if p.method in (kernel.FENTRY, kernel.FENTRY_FEXIT):
+                        if p.ret:  # return program first: no entry without its return
+                            b.attach_kretfunc(fn_name=p.ret.encode())
+                        b.attach_kfunc(fn_name=p.entry.encode())
+                    elif p.method == kernel.RAW_TRACEPOINT:
                         b.attach_raw_tracepoint(tp=p.function.split(":")[-1], fn_name=p.entry)
                     else:
                         if p.ret:  # return probe first: no entry without its return

@@ -181,7 +181,8 @@ def live(lab_out: str) -> Iterator[Tuple[object, Collector, dict]]:
     startup = time.monotonic() - t0
     with open(os.path.join(lab_out, "probe-plan.json"), "w") as f:
         json.dump({"plan": src.plan.to_json(), "startup_s": startup,
-                   "compile_s": src.compile_seconds}, f, indent=1)
+                   "compile_s": src.compile_seconds, "attach_s": src.attach_seconds,
+                   "fentry_fallbacks": src.fentry_fallbacks}, f, indent=1)
     col = Collector(src)
     ctx = {"pre": pre, "pre_conns": pre_conns, "startup": startup}
     try:
@@ -218,6 +219,63 @@ def test_plan_required_attached(live) -> None:  # type: ignore[no-untyped-def]
     names = {p.name: p for p in src.plan.probes}
     for n in ("confirm", "destroy", "alloc", "early_drop", "ctnetlink", "netns", "tcp_state", "sock"):
         assert names[n].attached, names[n]
+
+
+# What the default plan must be, per lab suite, as measured by test_bcc_smoke.py
+# (docs/KERNELS.md): fentry/fexit on nf_conntrack needs module BTF (5.11+) and
+# a bcc with module kfunc support (not 0.18, not 0.26).
+FENTRY_SUITES = {"trixie": True, "sid": True, "bullseye": False, "bookworm": False}
+FUNCTION_PROBES = ("confirm", "delete", "destroy", "alloc", "early_drop", "ctnetlink", "netns", "tcp_state")
+# Why ctrace must say fentry is impossible, per suite
+NO_FENTRY_WHY = {"bullseye": "nf_conntrack is a module without BTF",
+                 "bookworm": "resolves fentry targets in vmlinux BTF only"}
+
+
+def expected_fentry() -> bool:
+    suite = os.environ.get("CTRACE_LAB_SUITE", "")
+    if suite not in FENTRY_SUITES:
+        pytest.skip(f"no recorded expectation for suite {suite!r}")
+    return FENTRY_SUITES[suite]
+
+
+def test_attach_method_per_kernel(live) -> None:  # type: ignore[no-untyped-def]
+    """The session's LiveSource (default plan) attached fentry/fexit exactly where
+    the kernel and bcc allow it, with no fallback, and says why per probe."""
+    src, col, ctx = live
+    fentry = expected_fentry()
+    for name in FUNCTION_PROBES:
+        p = src.plan.probe(name)
+        if not p.attached:
+            continue
+        if fentry:
+            assert p.method in ("fentry", "fentry+fexit"), p
+            assert "bcc attaches to module functions" in p.why, p
+        else:
+            assert p.method in ("kprobe", "kprobe+kretprobe"), p
+    assert not src.fentry_fallbacks
+    assert src.plan.probe("sock").method == "raw_tracepoint"
+
+
+def test_probes_command_shows_the_plan() -> None:
+    """`ctrace probes` (no compile) prints fentry where it will be used, and
+    --attach-method fentry is refused, with the reason, where it cannot be."""
+    fentry = expected_fentry()
+    r = subprocess.run([sys.executable, "-m", "ctrace", "probes"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("*confirm"))
+    assert ("fentry+fexit" in line) == fentry, r.stdout
+    r = subprocess.run([sys.executable, "-m", "ctrace", "probes", "--attach-method", "fentry"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    if fentry:
+        assert r.returncode == 0 and "cannot use fentry" not in r.stdout, r.stdout + r.stderr
+    else:
+        suite = os.environ["CTRACE_LAB_SUITE"]
+        assert r.returncode == 11 and "cannot use fentry" in r.stdout, r.stdout + r.stderr
+        assert NO_FENTRY_WHY[suite] in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "ctrace", "probes", "--attach-method", "kprobe"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0 and "fentry+fexit" not in r.stdout, r.stdout
 
 
 def test_existing_entries(live) -> None:  # type: ignore[no-untyped-def]

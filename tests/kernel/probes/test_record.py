@@ -4,6 +4,9 @@ Two compiles (one per process). The first recorder (a 1 MiB ring) is SIGSTOPped
 through a burst larger than its ring, continued, then stopped with SIGTERM: the
 recording must be closed properly, everything detached, and every lost event counted
 and marked in the stream. After SIGKILL no probe may be left behind either.
+The first recorder is forced onto kprobes (--attach-method kprobe) and the
+SIGKILL one uses the default plan, so on kernels where that plan is
+fentry/fexit (6.12, 7.2) one boot runs both methods.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def stopped_recorder(tmp_path_factory) -> Iterator[Dict[str, Any]]:  # type: ign
     a burst of UDP entries larger than its ring, SIGCONT, SIGTERM."""
     tmp = tmp_path_factory.mktemp("rec")
     before = bpf_progs()
-    p, out = start(tmp, "term", "--ring-pages", str(RING_PAGES))
+    p, out = start(tmp, "term", "--ring-pages", str(RING_PAGES), "--attach-method", "kprobe")
     r: Dict[str, Any] = {"p": p, "out": out, "before": before}
     try:
         with Topology.create() as topo:
@@ -125,6 +128,13 @@ def test_sigterm_closes_recording(stopped_recorder) -> None:  # type: ignore[no-
     assert "recording to" in err and "wrote" in err, err
     rec = read(str(r["out"]))
     assert rec.trailer is not None and rec.trailer.get("stopped_by", {}).get("signal") == "SIGTERM"
+    extra = rec.header["extra"]
+    methods = {p["name"]: p["method"] for p in extra["plan"]["probes"]}
+    assert extra["plan"]["method"] == "kprobe"
+    assert all(m in ("kprobe", "kprobe+kretprobe", "raw_tracepoint", "absent") for m in methods.values()), methods
+    with open(os.path.join(os.environ.get("CTRACE_LAB_OUT", "/tmp"), "record-kprobe-timing.json"), "w") as f:
+        json.dump({"compile_s": extra.get("compile_seconds"), "attach_s": extra.get("attach_seconds"),
+                   "methods": methods}, f, indent=1)
     new = rec.events[rec.events["kind"] == abi.Kind.NEW]
     assert len(new) >= 5
     assert not leftovers(p.pid, r["before"])
