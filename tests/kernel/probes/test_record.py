@@ -26,7 +26,7 @@ import pytest
 from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, sysctls
 
 from ctrace import abi
-from ctrace.recording import read
+from ctrace.recording import open_reader, read
 
 
 def start(tmp_path, name, *extra: str):  # type: ignore[no-untyped-def]
@@ -190,3 +190,14 @@ def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-d
     p.communicate(timeout=60)
     time.sleep(1)
     assert not leftovers(p.pid, before)
+    # The header was written at start: the default plan and its start-up cost,
+    # beside the kprobe recorder's (record-kprobe-timing.json), same conditions.
+    reader = open_reader(str(out))
+    try:
+        extra = reader.header["extra"]
+    finally:
+        reader.f.close()
+    methods = {p["name"]: p["method"] for p in extra["plan"]["probes"]}
+    with open(os.path.join(os.environ.get("CTRACE_LAB_OUT", "/tmp"), "record-auto-timing.json"), "w") as f:
+        json.dump({"compile_s": extra.get("compile_seconds"), "attach_s": extra.get("attach_seconds"),
+                   "methods": methods}, f, indent=1)
