@@ -489,7 +489,9 @@ class Model:
                 # Each reason's longest life is in its top bin: find it among those few.
                 top = _LT_BINS - 1 - np.argmax(hist[:, ::-1] > 0, axis=1)
                 cand = bins == top[rk]
-                np.maximum(self.lifetime_max, group_max(len(REMOVAL_REASONS), rk[cand], life[cand], 0.0), out=self.lifetime_max)
+                rc, lc = rk[cand], life[cand]
+                for reason in np.flatnonzero(np.bincount(rc, minlength=len(REMOVAL_REASONS))).tolist():
+                    self.lifetime_max[reason] = max(self.lifetime_max[reason], float(lc[rc == reason].max()))
             expired = destroy[(r == _R["timeout-established"]) & ((d["flags"] & abi.FLAG_ORPHANED) == 0)]
         drop = np.flatnonzero(kind == K.DROP)
         if len(drop):
@@ -546,7 +548,10 @@ class Model:
         table.add([w[rep] for w in kw], sums.astype(np.int64), last)
 
     def _count_seconds(self, ins_ts: np.ndarray, rem_ts: np.ndarray) -> None:
+        """Per-second insert and removal counts, kept only for the rate window."""
+        horizon = self.now_boot_ns // NS - self.opt.rate_window_s - 1
         for col, ts in ((0, ins_ts), (1, rem_ts)):
+            ts = ts[np.searchsorted(ts, np.uint64(max(horizon, 0) * NS)) :]  # in time order
             if not len(ts):
                 continue
             secs = (ts // NS).astype(np.int64)
@@ -554,7 +559,6 @@ class Model:
             counts = np.bincount(secs - lo)
             for off in np.flatnonzero(counts):
                 self._per_sec.setdefault(lo + int(off), [0, 0])[col] += int(counts[off])
-        horizon = self.now_boot_ns // NS - self.opt.rate_window_s - 1
         for s in [s for s in self._per_sec if s < horizon]:
             del self._per_sec[s]
 
