@@ -41,6 +41,19 @@ def _scenario():
     return info, existing, events, int(info.extra["end_boot_ns"])
 
 
+def _write(path: str, chunk: int, existing: bool = True, mixed: bool = False):
+    """The scenario written in chunks of `chunk` events (mixed: every other one as Columns)."""
+    info, ex, events, end = _scenario()
+    w = recording.RecordingWriter.create(path, info)
+    if existing:
+        w.write_existing(ex)
+    for lo in range(0, len(events), chunk):
+        part = events[lo : lo + chunk]
+        w.write_events(Columns.of(part) if mixed and lo % 2 else part)
+    w.close(end_boot_ns=end)
+    return ex, events
+
+
 def test_version2_stores_fields_contiguously(tmp_path):
     info, existing, events, end = _scenario()
     p = str(tmp_path / "v2.ctr")
@@ -77,13 +90,8 @@ def test_version1_reads_the_same(tmp_path):
 
 
 def test_version2_batches_equal_the_events(tmp_path):
-    info, existing, events, end = _scenario()
     p = str(tmp_path / "v2.ctr")
-    w = recording.RecordingWriter.create(p, info)
-    w.write_existing(existing)
-    for lo in range(0, len(events), 333):
-        w.write_events(Columns.of(events[lo : lo + 333]) if lo % 2 else events[lo : lo + 333])
-    w.close(end_boot_ns=end)
+    existing, events = _write(p, 333, mixed=True)
     r = recording.open_reader(p)
     assert r.existing().records().tobytes() == existing.tobytes()
     sizes = []
@@ -98,13 +106,8 @@ def test_version2_batches_equal_the_events(tmp_path):
 def test_read_ahead_gives_the_same_batches_and_stops_cleanly(tmp_path):
     import threading
 
-    info, existing, events, end = _scenario()
     p = str(tmp_path / "ra.ctr")
-    w = recording.RecordingWriter.create(p, info)
-    w.write_existing(existing)
-    for lo in range(0, len(events), 100):
-        w.write_events(events[lo : lo + 100])
-    w.close(end_boot_ns=end)
+    _write(p, 100)
     plain = [b.copy() for b in recording.open_reader(p).batches(450)]
     ahead = []
     for b in recording.open_reader(p).batches(450, read_ahead=True):
@@ -121,12 +124,8 @@ def test_read_ahead_gives_the_same_batches_and_stops_cleanly(tmp_path):
 
 
 def test_read_ahead_passes_damage_on(tmp_path):
-    info, existing, events, end = _scenario()
     p = tmp_path / "cut.ctr"
-    w = recording.RecordingWriter.create(str(p), info)
-    for lo in range(0, len(events), 100):
-        w.write_events(events[lo : lo + 100])
-    w.close(end_boot_ns=end)
+    _, events = _write(str(p), 100, existing=False)
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     r = recording.open_reader(str(p))
