@@ -112,8 +112,11 @@ def stopped_recorder(tmp_path_factory) -> Iterator[Dict[str, Any]]:  # type: ign
                 r["continued_ns"] = boottime_ns()
                 os.kill(p.pid, signal.SIGCONT)
                 time.sleep(2.0)  # several drains
-        p.send_signal(signal.SIGTERM)
-        _, r["err"] = p.communicate(timeout=60)
+            # Stop before the namespace goes: its teardown destroys every burst entry at
+            # once, which would overflow the small ring a second time (a second, genuine
+            # LOST record this test does not account for; seen on 7.2).
+            p.send_signal(signal.SIGTERM)
+            _, r["err"] = p.communicate(timeout=60)
         yield r
     finally:
         if p.poll() is None:
