@@ -1,16 +1,22 @@
 """The interactive top: a curses loop around a feed and the pure top view."""
 
 import curses
+import errno
 import os
+import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ctrace.feeds import Feed
 from ctrace.model import Snapshot
 from ctrace.views.top import ViewState, handle_key, render_screen
 
 TICK_S = 0.1
+
+
+class _HangUp(Exception):
+    """The terminal went away (SIGHUP, or EIO from the tty): leave like q does."""
 
 
 def _draw(scr: Any, lines: "list[str]", height: int, width: int) -> None:
@@ -21,22 +27,56 @@ def _draw(scr: Any, lines: "list[str]", height: int, width: int) -> None:
             scr.addnstr(y, 0, line, width - 1, attr)
         except curses.error:
             pass
-    scr.refresh()
+    try:
+        scr.refresh()
+    except curses.error:  # the terminal may have just gone; the next tick's size check tells
+        pass
 
 
 def _sync_size(scr: Any) -> "tuple[int, int]":
     """The terminal's size now; tells curses when a resize slipped past its SIGWINCH handler."""
     try:
         cols, rows = os.get_terminal_size(sys.__stdout__.fileno())
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.EIO:  # hung up, and the SIGHUP went to a shell that ignores it
+            raise _HangUp from None
         return scr.getmaxyx()
     if (rows, cols) != scr.getmaxyx():
         curses.resizeterm(rows, cols)
     return rows, cols
 
 
+def _hang_up(signum: int, frame: Any) -> None:
+    raise _HangUp
+
+
+def _restore(scr: Any) -> None:
+    """Undo curses' terminal modes; a terminal that hung up refuses, and that is fine."""
+    for undo in (lambda: scr.keypad(False), curses.echo, curses.nocbreak, curses.endwin):
+        try:
+            undo()
+        except curses.error:
+            pass
+
+
+def _in_curses(loop: Callable[[Any], None]) -> None:
+    """curses.wrapper, except that restoring a closed terminal is not an error and SIGHUP quits."""
+    old = signal.signal(signal.SIGHUP, _hang_up)
+    scr = curses.initscr()
+    try:
+        curses.noecho()
+        curses.cbreak()
+        scr.keypad(True)
+        loop(scr)
+    except _HangUp:
+        pass
+    finally:
+        _restore(scr)
+        signal.signal(signal.SIGHUP, old)
+
+
 def run_interactive(feed: Feed, interval_s: float, state: Optional[ViewState] = None) -> None:
-    """Until q: pump the feed every tick, a new snapshot every interval, keys as they come."""
+    """Until q or a hang-up: pump the feed every tick, a new snapshot every interval, keys as they come."""
 
     def loop(scr: Any) -> None:
         nonlocal state
@@ -80,4 +120,4 @@ def run_interactive(feed: Feed, interval_s: float, state: Optional[ViewState] = 
                 snap = feed.snapshot()
 
     curses.use_env(False)  # the terminal's real size, not stale LINES/COLUMNS
-    curses.wrapper(loop)
+    _in_curses(loop)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -114,3 +115,34 @@ def test_seek_moves_the_clock(screen):
     keys("[", "[", "[", "[", "[", "[", "[", "[", "[", "[", "[", "[")
     out = wait_for("16:00:00Z")
     keys("q")
+
+
+
+@pytest.mark.parametrize("how", ["kill-session", "sighup"])
+def test_hang_up_quits_cleanly(recording, tmp_path, how):
+    """The terminal closing ends the view with status 0 and nothing on stderr, whether the SIGHUP
+    reaches ctrace or only the shell (which ignores it here; ctrace then sees EIO from the tty)."""
+    name = f"ctrace-{uuid.uuid4().hex[:8]}"
+    err, rc = tmp_path / "err", tmp_path / "rc"
+    cmd = (f"trap '' HUP; cd {ROOT} && {sys.executable} -m ctrace replay --speed 20 {recording} 2>{err}; "
+           f"echo $? >{rc}")
+    tmux("new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd)
+    try:
+        deadline = time.monotonic() + 15
+        while "ADDRESS" not in tmux("capture-pane", "-p", "-t", name):
+            assert time.monotonic() < deadline, "the view never came up"
+            time.sleep(0.2)
+        if how == "sighup":
+            shell = tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip()
+            pid = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout.split()[0]
+            os.kill(int(pid), signal.SIGHUP)
+        else:
+            tmux("kill-session", "-t", name)
+        deadline = time.monotonic() + 15
+        while not rc.exists() or not rc.read_text().strip():
+            assert time.monotonic() < deadline, f"ctrace kept running after the hang-up; stderr: {err.read_text()}"
+            time.sleep(0.2)
+        assert (rc.read_text().strip(), err.read_text()) == ("0", "")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        subprocess.run(["pkill", "-f", f"ctrace replay --speed 20 {recording}"], capture_output=True)

@@ -82,7 +82,9 @@ def test_top_live_follows_traffic_and_keys() -> None:
             # filter to the server's netns and the second client's address
             tmux("send-keys", "-t", SESSION, "f")
             tmux("send-keys", "-t", SESSION, f"netns={ino} addr={b}", "Enter")
-            out = wait_screen(lambda s: f"netns={ino}" in s and row(s, b)[2:3] == ["5"], 10, "the filter")
+            # the header names the filter once it applies (the prompt line shows it while it is typed)
+            out = wait_screen(lambda s: f"filter netns={ino} addr~{b}" in s and row(s, b)[2:3] == ["5"], 10,
+                              "the filter")
             assert not row(out, a), out
             # clean closes: the entries move to TIME_WAIT on screen
             close_fin(conns[12:])
