@@ -59,6 +59,8 @@ enum ct_lost_cause {
 	CT_LOST_PERF_BUFFER = 2,  /* perf buffer overwrote (lost callback) */
 	CT_LOST_MAP_FULL = 3,     /* a tracking map had no room (entry not correlated) */
 	CT_LOST_CONSUMER = 4,     /* user space dropped events (e.g. recording write failed) */
+	CT_LOST_PROBE_SKIPPED = 5, /* the kernel skipped a program run (nesting guard): counted
+	                            * by user space from the programs' recursion_misses */
 };
 
 /* ct_event.reason for CT_KIND_COUNTER */

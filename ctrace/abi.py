@@ -43,6 +43,7 @@ class LostCause(IntEnum):
     PERF_BUFFER = 2
     MAP_FULL = 3
     CONSUMER = 4
+    PROBE_SKIPPED = 5
 
 
 class Counter(IntEnum):

@@ -86,6 +86,7 @@ def command(env: Environment, output: str, duration: Optional[float], ready_file
             "stopped_by": stop_reason or {"end": "source ended"},
             "lost_bpf": {abi.LostCause(c).name.lower(): v for c, v in lost.items()},
             "produced": {abi.Kind(k).name.lower(): v for k, v in produced.items() if v},
+            "skipped_runs": src.prog_skips(),
         }
         writer.close(end_boot_ns=boot_ns(), extra=trailer)
         total_lost = sum(lost.values())

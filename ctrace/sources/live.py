@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ctrace import abi, kernel, sysinfo
+from ctrace.sources import prog_info
 from ctrace.sources.base import Source, SourceInfo
 from ctrace.status import CtraceError, ExitStatus
 
@@ -32,6 +33,8 @@ DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
 # and gives an ORPHAN candidate its grace period (see _confirm_orphans).
 ORPHAN_GRACE_NS = 300_000_000
 HOLDBACK_NS = ORPHAN_GRACE_NS
+SKIPS_COUNTED = "each program's recursion_misses (kprobe and raw tracepoint skips only since 6.7)"
+SKIPS_UNCOUNTED = "not counted: this kernel reports no recursion_misses for BPF programs"
 
 
 def boot_ns() -> int:
@@ -308,6 +311,8 @@ class LiveSource(Source):
             self.close()
             raise
         self.attach_seconds = time.monotonic() - t0
+        skips = self.prog_skips()
+        self.skips_counted = all(v is not None for v in skips.values())
         self.start_boot_ns = boot_ns()
         self.boot_to_wall_ns = time.time_ns() - boot_ns()
         self.problems: List[str] = []
@@ -325,6 +330,7 @@ class LiveSource(Source):
             synthetic=False,
             extra={"plan": self.plan.to_json(), "ring_pages": pages, "map_entries": map_entries,
                    "existing_problems": list(self.problems),
+                   "skipped_runs": SKIPS_COUNTED if self.skips_counted else SKIPS_UNCOUNTED,
                    "compile_seconds": round(self.compile_seconds, 2),
                    "attach_seconds": round(self.attach_seconds, 2)},
         )
@@ -445,8 +451,23 @@ class LiveSource(Source):
         t = self._b[name]
         return [int(t.sum(t.Key(i)).value) for i in range(n)]
 
-    def lost_counts(self) -> Dict[int, int]:
+    def prog_skips(self) -> Dict[str, Optional[int]]:
+        """Per loaded program: runs the kernel skipped (None where the kernel does not count them)."""
+        return {name: prog_info.recursion_misses(fd) for name, fd in self._prog_fds().items()}
+
+    def _prog_fds(self) -> Dict[str, int]:
+        funcs = self._b.funcs if self._b is not None else {}
+        return {(k.decode() if isinstance(k, bytes) else str(k)): fn.fd for k, fn in funcs.items()}
+
+    def _lost_totals(self) -> List[int]:
+        """Lost records by cause, index = ct_lost_cause: the BPF side's counters plus the
+        program runs the kernel skipped (each may have lost one record)."""
         vals = self.per_cpu_sum("lost", 8)
+        vals[abi.LostCause.PROBE_SKIPPED] = sum(v or 0 for v in self.prog_skips().values())
+        return vals
+
+    def lost_counts(self) -> Dict[int, int]:
+        vals = self._lost_totals()
         return {int(c): vals[int(c)] for c in abi.LostCause}
 
     def produced_counts(self) -> Dict[int, int]:
@@ -458,7 +479,7 @@ class LiveSource(Source):
         return {"closed": v[0], "entry_found": v[1], "established": v[2]}
 
     def _lost_records(self, ts: int) -> np.ndarray:
-        vals = self.per_cpu_sum("lost", 8)
+        vals = self._lost_totals()
         out = []
         for cause in abi.LostCause:
             d = vals[cause] - self._lost_seen[cause]

@@ -540,11 +540,11 @@ def parse_conntrack_list(text: str) -> List[CtEntry]:
 
 
 def conntrack_list(ns: Optional[str], family: Optional[str] = None) -> List[CtEntry]:
-    """Entries of ``ns``'s table; ``family`` "ipv4"/"ipv6" filters (-f)."""
-    cmd = ["conntrack", "-L", "-o", "extended"]
-    if family:
-        cmd += ["-f", family]
-    return parse_conntrack_list(run(cmd, ns=ns))
+    """Entries of ``ns``'s table; ``family`` "ipv4"/"ipv6" filters (-f). Without it both
+    families are asked for by name: conntrack 1.4.6 (Debian 11) lists IPv4 only by default."""
+    if family is None:
+        return conntrack_list(ns, "ipv4") + conntrack_list(ns, "ipv6")
+    return parse_conntrack_list(run(["conntrack", "-L", "-o", "extended", "-f", family], ns=ns))
 
 
 def parse_conntrack_stats(text: str) -> List[Dict[str, int]]:

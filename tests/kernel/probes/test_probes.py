@@ -473,6 +473,30 @@ def test_loss_is_counted(live) -> None:  # type: ignore[no-untyped-def]
         assert lost1[cause] - lost0[cause] == lost
 
 
+# Does the kernel report BPF programs' recursion_misses (fdinfo, 5.12+)?
+SKIPS_REPORTED = {"bullseye": False, "bookworm": True, "trixie": True, "sid": True}
+
+
+def test_skipped_runs_are_read_per_program(live, lab_out: str) -> None:  # type: ignore[no-untyped-def]
+    """Runs the kernel skipped come per attached program from the kernel: a count where it
+    reports one, None (never a made-up 0) where it does not; their sum is the probe_skipped
+    loss, which LOST records carry like the other causes."""
+    src, col, ctx = live
+    suite = os.environ.get("CTRACE_LAB_SUITE", "")
+    if suite not in SKIPS_REPORTED:
+        pytest.skip(f"no recorded expectation for suite {suite!r}")
+    skips = src.prog_skips()
+    with open(os.path.join(lab_out, "skipped-runs.json"), "w") as f:
+        json.dump(skips, f, indent=1)
+    programs = {n for p in src.plan.probes if p.attached for n in (p.entry, p.ret) if n}
+    assert programs <= set(skips), (programs, skips)
+    assert all((v is not None) == SKIPS_REPORTED[suite] for v in skips.values()), skips
+    assert src.skips_counted == SKIPS_REPORTED[suite]
+    assert src.info.extra["skipped_runs"].startswith("each program's" if src.skips_counted else "not counted")
+    total = sum(v or 0 for v in skips.values())
+    assert src.lost_counts()[abi.LostCause.PROBE_SKIPPED] >= total  # the counts only grow
+
+
 def test_listed_entries_leave_through_the_model(live) -> None:  # type: ignore[no-untyped-def]
     """Entries that existed before tracing are followed to their removal: the model's
     count for their netns equals conntrack's before and after a flush."""

@@ -166,6 +166,7 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
     with open(os.path.join(lab_out, "record-sigstop.json"), "w") as f:
         json.dump({"generated": n, "delivered": delivered, "lost": lost, "lost_bpf": rec.trailer["lost_bpf"],
                    "produced": rec.trailer.get("produced"), "ring_pages": RING_PAGES,
+                   "skipped_runs": rec.trailer.get("skipped_runs"),
                    "lost_records": [(int(ev["ts_boot_ns"][i]), int(ev["reason"][i]), int(ev["value"][i]))
                                     for i in lost_rec],
                    "stopped_ns": r["stopped_ns"], "continued_ns": r["continued_ns"]}, f, indent=1)
