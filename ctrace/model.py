@@ -252,6 +252,7 @@ class Model:
         self.lifetime_max = np.zeros(len(REMOVAL_REASONS), dtype=np.float64)
         self.inserts = 0
         self.removals_total = 0
+        self.removed_unborn = 0  # removals of entries neither listed at start nor seen created
         self.counters: Dict[int, int] = {}
         self.ips = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.prefixes = KeyTable(self.opt.max_keys, len(COLUMNS))
@@ -345,6 +346,7 @@ class Model:
         # Running count for the peak: +1 per birth in the stream, -1 per known removal.
         is_destroy = kind == K.DESTROY
         unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live) & ~adopted[gid]
+        self.removed_unborn += int(np.count_nonzero(unknown_destroy))
         delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
         running = self._n_alive + np.cumsum(delta[n_live:])
         if len(running):
@@ -646,6 +648,7 @@ class Model:
                 "created": int(ev[_C["created"]]),
                 "destroyed": int(ev[_C["destroyed"]]),
                 "drops": int(ev[_C["drops"]]),
+                "removed_unborn": self.removed_unborn,
             },
             kernel_counters={abi.Counter(c).name.lower(): v for c, v in self.counters.items() if c in abi.Counter._value2member_map_},
         )

@@ -115,6 +115,9 @@ def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
     un = j["untracked"]
     if un["keys_evicted"]:
         out.append(f"untracked: {un['keys_evicted']} addresses evicted from the bounded table ({un['live']} live entries)")
+    if un.get("removed_unborn"):
+        out.append(f"unborn: {un['removed_unborn']} removals of entries neither listed at start nor seen created "
+                   "(inserts the probes missed, or entries the start-up listing missed)")
     if j["orphans"]:
         out.append("")
         out.append(f"ORPHANS (last {min(len(j['orphans']), top)} of {j['orphans_total']})")

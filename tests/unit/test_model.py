@@ -50,6 +50,17 @@ def test_destroy_of_unknown_entry_counts_removal_not_occupancy():
     assert s.count == 0 and s.peak_count == 0 and s.removals == {"timeout-established": 1}
 
 
+def test_removals_of_entries_never_born_are_counted():
+    """A DESTROY whose entry was neither listed at start nor seen created: a missed insert
+    (or a listing that missed it). Known entries, across batches too, do not count."""
+    m = Model(INFO)
+    m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=1, t=0)]))
+    m.apply(seq([new(10, 1), destroy(9, 2, S.ESTABLISHED), destroy(1, 3, S.TIME_WAIT)]))
+    m.apply(seq([destroy(10, 4, S.TIME_WAIT), destroy(8, 5, S.CLOSE), new(8, 6), destroy(8, 7, S.CLOSE)]))
+    s = m.snapshot()
+    assert s.untracked["removed_unborn"] == 2 and s.removals_total == 5
+
+
 def test_seed_sets_start_count_and_peak():
     m = Model(INFO)
     m.seed(seq([dict(kind=abi.Kind.EXISTING, ct_id=i, t=0) for i in range(1, 6)]))

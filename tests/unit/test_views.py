@@ -51,6 +51,14 @@ def test_loss_banner_first():
     assert "LOST 42" in render_text(m.snapshot())
 
 
+def test_report_names_removals_of_unborn_entries():
+    m = Model(INFO)
+    m.apply(seq([destroy(9, 2, S.ESTABLISHED)]))
+    assert ("unborn: 1 removals of entries neither listed at start nor seen created "
+            "(inserts the probes missed, or entries the start-up listing missed)") in render_text(m.snapshot())
+    assert "unborn" not in render_text(snapshot())
+
+
 def test_report_json_fields():
     j = to_json(snapshot())
     assert j["table"] == {"max": 100, "buckets": None, "start_count": 1, "end_count": 3, "peak_count": 4, "kernel_count": None,
