@@ -118,7 +118,9 @@ struct ct_live {
 #define CT_LIVE_ORPHANED 0x1
 BPF_HASH(ctlive, u64, struct ct_live, CT_MAP_ENTRIES);
 
-/* (netns, original tuple) -> entry pointer, for sockets to find their entry. */
+/* (netns, original tuple) -> entry pointer, for sockets to find their entry;
+ * a TCP entry whose reply tuple NAT changed is also keyed by its reply tuple
+ * (ct_reply_natted): up to two keys per entry. */
 struct ct_tkey {
 	u32 netns;
 	u8 family;
@@ -340,6 +342,26 @@ static __always_inline struct ct_ipval *ipval_get(u32 netns, struct nf_conntrack
 
 /* ---------------------------------------------------------------- insert */
 
+/* NAT happened when the reply tuple is not the original one inverted (by
+ * confirm time NAT has mangled the reply tuple, and it never changes after).
+ * Then a local socket behind the translation (DNAT to a local server) has the
+ * reply tuple's addresses: index TCP entries under it too (only TCP sockets
+ * look entries up). */
+static __always_inline int ct_reply_natted(struct ct_info *ci)
+{
+	struct nf_conntrack_tuple *o = &ci->orig, *r = &ci->reply;
+	if (o->dst.protonum != IPPROTO_TCP)
+		return 0;
+	if (r->src.u.all != o->dst.u.all || r->dst.u.all != o->src.u.all)
+		return 1;
+	u64 a[2] = {}, b[2] = {}, c[2] = {}, d[2] = {};
+	__builtin_memcpy(a, &r->src.u3, 16);
+	__builtin_memcpy(b, &o->dst.u3, 16);
+	__builtin_memcpy(c, &r->dst.u3, 16);
+	__builtin_memcpy(d, &o->src.u3, 16);
+	return a[0] != b[0] || a[1] != b[1] || c[0] != d[0] || c[1] != d[1];
+}
+
 static __always_inline void on_new(void *ctx, u64 ctp)
 {
 	struct ct_info ci = {};
@@ -356,6 +378,13 @@ static __always_inline void on_new(void *ctx, u64 ctp)
 		lost_inc(CT_LOST_MAP_FULL);
 	k.netns = 0;
 	tuples_any.update(&k, &ctp);
+	if (ct_reply_natted(&ci)) {
+		tkey_make(&k, ci.netns, &ci.reply);
+		if (tuples.update(&k, &ctp) != 0)
+			lost_inc(CT_LOST_MAP_FULL);
+		k.netns = 0;
+		tuples_any.update(&k, &ctp);
+	}
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->created, 1);
@@ -527,6 +556,16 @@ static __always_inline void on_removed(void *ctx, u64 ctp)
 	cur = tuples_any.lookup(&k);
 	if (cur && *cur == ctp)
 		tuples_any.delete(&k);
+	if (ct_reply_natted(&ci)) {
+		tkey_make(&k, ci.netns, &ci.reply);
+		cur = tuples.lookup(&k);
+		if (cur && *cur == ctp)
+			tuples.delete(&k);
+		k.netns = 0;
+		cur = tuples_any.lookup(&k);
+		if (cur && *cur == ctp)
+			tuples_any.delete(&k);
+	}
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->destroyed[reason & (CT_NREASON - 1)], 1);
