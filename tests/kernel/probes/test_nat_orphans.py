@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -22,7 +23,7 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import pytest
 
-from lab_toolkit import Conn, Topology, conntrack_list, nft_apply, run, sysctls
+from lab_toolkit import Conn, Topology, conntrack_list, in_netns, nft_apply, run, sysctls
 from test_probes import TEST_RING_PAGES, Collector, dump, ns_inode, tuple_of
 
 from ctrace import abi
@@ -80,7 +81,6 @@ def connect_vip(topo: Topology, src: str, n: int, vip: str, server) -> List[Conn
     family = socket.AF_INET6 if ":" in src else socket.AF_INET
     conns = []
     for _ in range(n):
-        from lab_toolkit import in_netns
         with in_netns(topo.client_ns):
             c = socket.socket(family, socket.SOCK_STREAM)
         c.settimeout(10)
@@ -156,6 +156,6 @@ def test_dnat_orphans(live) -> None:  # type: ignore[no-untyped-def]
             assert (o["ct_state"] == abi.TcpState.ESTABLISHED).all()
             assert (o["sk_newstate"] == 7).all()
             out = run(["nft", "list", "table", "inet", "ctlab_dropout"], ns=srv)
-            assert sum(int(x) for x in __import__("re").findall(r"counter packets (\d+)", out)) >= len(by_server)
+            assert sum(int(x) for x in re.findall(r"counter packets (\d+)", out)) >= len(by_server)
             assert topo.dropped_fin_rst() >= len(by_client)
             assert src.lost_counts().get(abi.LostCause.MAP_FULL, 0) == lost0
