@@ -50,7 +50,7 @@ table ip6 ctlab_nat6 {{
 # (Topology.drop_fin_rst covers the incoming direction).
 NFT_DROP_OUT = """
 table inet ctlab_dropout {
-    chain out {
+    chain drop_out {  # not "out": a keyword to nft 0.9.8 (Debian 11)
         type filter hook output priority -300; policy accept;
         tcp flags & (fin | rst) != 0 counter drop
     }
