@@ -14,7 +14,12 @@ from tests.unit.conftest import ROOT, run_cli
 
 
 def tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
+    """tmux on a server of the session's own (-L NAME, NAME after -s/-t): a new session never
+    races the shutdown of a server whose last session another test just ended."""
+    name = args[args.index("-s" if "-s" in args else "-t") + 1]
+    r = subprocess.run(["tmux", "-L", name, *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"tmux {' '.join(args)}: {r.stderr.strip()}"
+    return r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def screen(recording):
         tmux("send-keys", "-t", name, *k)
 
     yield keys, wait_for, capture, name
-    subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    subprocess.run(["tmux", "-L", name, "kill-session", "-t", name], capture_output=True)
 
 
 def test_sort_group_filter_help_quit(screen):
@@ -90,7 +95,7 @@ def test_sort_group_filter_help_quit(screen):
     wait_for("ADDRESS")
     keys("q")
     deadline = time.monotonic() + 10
-    while subprocess.run(["tmux", "has-session", "-t", name], capture_output=True).returncode == 0:
+    while subprocess.run(["tmux", "-L", name, "has-session", "-t", name], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "q did not quit"
         time.sleep(0.2)
 
@@ -134,7 +139,8 @@ def test_hang_up_quits_cleanly(recording, tmp_path, how):
             time.sleep(0.2)
         if how == "sighup":
             shell = tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip()
-            pid = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout.split()[0]
+            with open(f"/proc/{shell}/task/{shell}/children") as f:  # no pgrep in a minbase chroot
+                pid = f.read().split()[0]
             os.kill(int(pid), signal.SIGHUP)
         else:
             tmux("kill-session", "-t", name)
@@ -144,5 +150,5 @@ def test_hang_up_quits_cleanly(recording, tmp_path, how):
             time.sleep(0.2)
         assert (rc.read_text().strip(), err.read_text()) == ("0", "")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        subprocess.run(["tmux", "-L", name, "kill-session", "-t", name], capture_output=True)
         subprocess.run(["pkill", "-f", f"ctrace replay --speed 20 {recording}"], capture_output=True)
