@@ -1,5 +1,6 @@
 """The interactive view, driven like a person would: tmux send-keys, capture-pane."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -132,23 +133,27 @@ def test_hang_up_quits_cleanly(recording, tmp_path, how):
     cmd = (f"trap '' HUP; cd {ROOT} && {sys.executable} -m ctrace replay --speed 20 {recording} 2>{err}; "
            f"echo $? >{rc}")
     tmux("new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd)
+    pid = 0
     try:
         deadline = time.monotonic() + 15
         while "ADDRESS" not in tmux("capture-pane", "-p", "-t", name):
             assert time.monotonic() < deadline, "the view never came up"
             time.sleep(0.2)
+        shell = tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip()
+        with open(f"/proc/{shell}/task/{shell}/children") as f:  # no pgrep in a minbase chroot
+            pid = int(f.read().split()[0])
         if how == "sighup":
-            shell = tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip()
-            with open(f"/proc/{shell}/task/{shell}/children") as f:  # no pgrep in a minbase chroot
-                pid = f.read().split()[0]
-            os.kill(int(pid), signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         else:
             tmux("kill-session", "-t", name)
         deadline = time.monotonic() + 15
         while not rc.exists() or not rc.read_text().strip():
             assert time.monotonic() < deadline, f"ctrace kept running after the hang-up; stderr: {err.read_text()}"
             time.sleep(0.2)
+        pid = 0
         assert (rc.read_text().strip(), err.read_text()) == ("0", "")
     finally:
         subprocess.run(["tmux", "-L", name, "kill-session", "-t", name], capture_output=True)
-        subprocess.run(["pkill", "-f", f"ctrace replay --speed 20 {recording}"], capture_output=True)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
