@@ -53,6 +53,7 @@ EXIT_TESTS_FAILED = 1  # a test failed, or dmesg showed a splat
 EXIT_USAGE = 2
 EXIT_BUILD_FAILED = 3
 EXIT_GUEST_FAILED = 4  # no boot, timeout, no results
+EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM: guests stopped, no summary
 
 # Suites in matrix order; extra archive parts appended to the main suite.
 SUITES: Dict[str, Dict[str, Sequence[str]]] = {
@@ -486,6 +487,29 @@ def boot(cmd: Sequence[str], log_path: Path, timeout: float, echo: Optional[Text
     """
     proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+    try:
+        return _watch(proc, log_path, timeout, echo, until)
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
+
+
+_RUNNING: "set[subprocess.Popen]" = set()  # guests booted and not yet reaped
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_guests() -> None:
+    """Kill every running guest (on SIGINT/SIGTERM: their threads then finish at once)."""
+    with _RUNNING_LOCK:
+        for proc in _RUNNING:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _watch(proc: "subprocess.Popen", log_path: Path, timeout: float, echo: Optional[TextIO],
+           until: Optional[str]) -> str:
     matched = threading.Event()
 
     def pump() -> None:
@@ -733,6 +757,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     except LabError as e:
         out.write(f"lab: error: {e}\n")
         return e.code
+    except KeyboardInterrupt as e:
+        out.write(f"lab: interrupted ({e or 'SIGINT'}); guests stopped\n")
+        return EXIT_INTERRUPTED
 
 
 def guest_pytest_args(args: Sequence[str]) -> List[str]:
@@ -772,7 +799,11 @@ def cmd_run(args: argparse.Namespace, suites: Sequence[str], results_dir: Path,
                                pytest_args, results_dir,
                                sys.stderr if args.verbose else None, out)
                    for s in suites if s in images]
-        results += [f.result() for f in futures]
+        try:
+            results += [f.result() for f in futures]
+        except KeyboardInterrupt:
+            stop_guests()  # else leaving the pool waits for every guest to finish its tests
+            raise
     out.write(f"lab: {len(futures)} kernel(s) in {time.monotonic() - started:.0f} s "
               f"(jobs {args.jobs}, {accel})\n")
     results.sort(key=lambda r: list(SUITES).index(r.suite))

@@ -23,8 +23,11 @@ import pytest
 
 from lab_toolkit import Topology, close_fin, close_rst, conntrack_flush
 
+from ctrace.recording import read
+
 pytest.importorskip("prometheus_client")
 
+SOCKET_PROGRAMS = {"sock_state_rtp", "tcp_set_state_e"}  # raw tracepoint, or its kprobe fallback
 LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -162,10 +165,13 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
                      "removals": {k: get(final, "ctrace_netns_removals_total", netns=ino, reason=k)
                                   for k in ("fin", "rst", "delete")},
                      "lost": sum(v for (n, _), v in final.items() if n == "ctrace_events_lost_total"),
+                     "lost_by_cause": {dict(lb)["cause"]: v for (n, lb), v in final.items()
+                                       if n == "ctrace_events_lost_total" and v},
                      "requests": {dict(lb)["outcome"]: v for (n, lb), v in final.items()
                                   if n == "ctrace_exporter_requests_total"}},
         "recording": {"entries": row["live"], "inserts": row["created"], "removals": row["removals"],
-                      "lost": rep["events"]["lost"]},
+                      "lost": rep["events"]["lost"], "lost_by_cause": rep["events"]["lost_by_cause"],
+                      "skipped_runs": {k: v for k, v in read(str(rec_path)).trailer["skipped_runs"].items() if v}},
         "scrapes_under_attack": len(latencies), "scrape_failures": failures,
         "scrape_latency_s": {"median": round(sorted(latencies)[len(latencies) // 2], 4) if latencies else None,
                              "max": round(max(latencies), 4) if latencies else None},
@@ -180,7 +186,14 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
     for reason in ("fin", "rst", "delete", "timeout", "timeout-established", "unknown"):
         assert get(final, "ctrace_netns_removals_total", netns=ino, reason=reason) == row["removals"].get(reason, 0)
     assert get(final, "ctrace_netns_orphans_total", netns=ino) == row["orphans"]
-    assert summary["exporter"]["lost"] == 0 and rep["events"]["lost"] == 0
+    # Nothing lost to ctrace's own limits (ring, maps, consumer). The one loss allowed is
+    # the kernel skipping runs of the socket-state program, and only that program: 7.2
+    # does so under this loopback load (51 of its runs in each process, docs/KERNELS.md),
+    # counted as probe_skipped. A skipped insert or removal program would make the exact
+    # comparisons above meaningless, so it fails here.
+    assert set(summary["exporter"]["lost_by_cause"]) <= {"probe_skipped"}, summary["exporter"]
+    assert set(rep["events"]["lost_by_cause"]) <= {"probe_skipped"}, rep["events"]
+    assert set(summary["recording"]["skipped_runs"]) <= SOCKET_PROGRAMS, summary["recording"]
     req = summary["exporter"]["requests"]
     # (the exporter's own counts are as of the publication before the last scrape)
     assert req["ok"] >= 5 and req["too_large"] > 0 and req["bad_request"] > 0, req
