@@ -340,6 +340,31 @@ static __always_inline struct ct_ipval *ipval_get(u32 netns, struct nf_conntrack
 	return v;
 }
 
+/* Key entry ctp under tuple t in `tuples` (netns, tuple) and `tuples_any`
+ * (tuple alone); k is scratch space. */
+static __always_inline void tuple_index(struct ct_tkey *k, u32 netns, struct nf_conntrack_tuple *t, u64 ctp)
+{
+	tkey_make(k, netns, t);
+	if (tuples.update(k, &ctp) != 0)
+		lost_inc(CT_LOST_MAP_FULL);
+	k->netns = 0;
+	tuples_any.update(k, &ctp);
+}
+
+/* Remove tuple_index's keys, each only if it still points to ctp (the tuple
+ * may since belong to a newer entry). */
+static __always_inline void tuple_unindex(struct ct_tkey *k, u32 netns, struct nf_conntrack_tuple *t, u64 ctp)
+{
+	tkey_make(k, netns, t);
+	u64 *cur = tuples.lookup(k);
+	if (cur && *cur == ctp)
+		tuples.delete(k);
+	k->netns = 0;
+	cur = tuples_any.lookup(k);
+	if (cur && *cur == ctp)
+		tuples_any.delete(k);
+}
+
 /* ---------------------------------------------------------------- insert */
 
 /* NAT happened when the reply tuple is not the original one inverted (by
@@ -373,18 +398,9 @@ static __always_inline void on_new(void *ctx, u64 ctp)
 	if (ctlive.update(&ctp, &lv) != 0)
 		lost_inc(CT_LOST_MAP_FULL);
 	struct ct_tkey k = {};
-	tkey_make(&k, ci.netns, &ci.orig);
-	if (tuples.update(&k, &ctp) != 0)
-		lost_inc(CT_LOST_MAP_FULL);
-	k.netns = 0;
-	tuples_any.update(&k, &ctp);
-	if (ct_reply_natted(&ci)) {
-		tkey_make(&k, ci.netns, &ci.reply);
-		if (tuples.update(&k, &ctp) != 0)
-			lost_inc(CT_LOST_MAP_FULL);
-		k.netns = 0;
-		tuples_any.update(&k, &ctp);
-	}
+	tuple_index(&k, ci.netns, &ci.orig, ctp);
+	if (ct_reply_natted(&ci))
+		tuple_index(&k, ci.netns, &ci.reply, ctp);
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->created, 1);
@@ -548,24 +564,9 @@ static __always_inline void on_removed(void *ctx, u64 ctp)
 		ctlive.delete(&ctp);
 	}
 	struct ct_tkey k = {};
-	tkey_make(&k, ci.netns, &ci.orig);
-	u64 *cur = tuples.lookup(&k);
-	if (cur && *cur == ctp)
-		tuples.delete(&k);
-	k.netns = 0;
-	cur = tuples_any.lookup(&k);
-	if (cur && *cur == ctp)
-		tuples_any.delete(&k);
-	if (ct_reply_natted(&ci)) {
-		tkey_make(&k, ci.netns, &ci.reply);
-		cur = tuples.lookup(&k);
-		if (cur && *cur == ctp)
-			tuples.delete(&k);
-		k.netns = 0;
-		cur = tuples_any.lookup(&k);
-		if (cur && *cur == ctp)
-			tuples_any.delete(&k);
-	}
+	tuple_unindex(&k, ci.netns, &ci.orig, ctp);
+	if (ct_reply_natted(&ci))
+		tuple_unindex(&k, ci.netns, &ci.reply, ctp);
 	struct ct_ipval *v = ipval_get(ci.netns, &ci.orig);
 	if (v)
 		__sync_fetch_and_add(&v->destroyed[reason & (CT_NREASON - 1)], 1);
