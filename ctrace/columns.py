@@ -25,6 +25,28 @@ def field_shape(name: str) -> tuple:
     return abi.EVENT_DTYPE.fields[name][0].shape
 
 
+def take(col: np.ndarray, rows: Any) -> np.ndarray:
+    """col[rows] for an index array, boolean mask or slice. Addresses are (n, 16) byte
+    arrays, where numpy's row indexing is slow (1.3-3.6 ms for 50,000 rows of a million
+    against 0.11 ms for np.take): rows of those are taken with np.take."""
+    if col.ndim == 1 or isinstance(rows, slice):
+        return col[rows]
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    return np.take(col, rows, axis=0)
+
+
+def put(col: np.ndarray, where: Any, values: np.ndarray) -> None:
+    """col[where] = values; rows of (n, 16) byte arrays are written as single 16-byte
+    items (7x faster than numpy's row assignment)."""
+    if col.ndim == 1 or isinstance(where, slice) or not col.flags.c_contiguous:
+        col[where] = values
+        return
+    item = np.dtype((np.void, col.itemsize * col.shape[1]))
+    col.view(item).reshape(-1)[where] = np.ascontiguousarray(values, dtype=col.dtype).view(item).reshape(-1)
+
+
 class Columns:
     """n event records as one array per field. `c["kind"]` is a field; `c[sel]`
     (slice, index or boolean array) is a new Columns of those records."""
@@ -43,8 +65,8 @@ class Columns:
         return cls({name: events[name] for name in FIELDS}, len(events))
 
     @classmethod
-    def zeros(cls, n: int) -> "Columns":
-        return cls({name: np.zeros((n,) + field_shape(name), dtype=field_dtype(name)) for name in FIELDS}, n)
+    def zeros(cls, n: int, fields: Iterable[str] = FIELDS) -> "Columns":
+        return cls({name: np.zeros((n,) + field_shape(name), dtype=field_dtype(name)) for name in fields}, n)
 
     @classmethod
     def concat(cls, parts: Iterable["Columns"]) -> "Columns":
@@ -59,16 +81,21 @@ class Columns:
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return self.cols[key]
-        cols = {name: c[key] for name, c in self.cols.items()}
+        cols = {name: take(c, key) for name, c in self.cols.items()}
         return Columns(cols, len(cols["kind"]))
 
     def __setitem__(self, name: str, values: Any) -> None:
         self.cols[name][...] = values
 
+    def select(self, rows: Any, fields: Iterable[str]) -> "Columns":
+        """Records `rows` with only the named fields (gathering fewer columns is cheaper)."""
+        cols = {name: take(self.cols[name], rows) for name in fields}
+        return Columns(cols, len(cols["kind"]))
+
     def put(self, where: np.ndarray, other: "Columns") -> None:
         """Records `other` written at positions `where`."""
         for name, c in self.cols.items():
-            c[where] = other.cols[name]
+            put(c, where, other.cols[name])
 
     def record(self, i: int) -> Dict[str, Any]:
         """One record as {field: value}."""

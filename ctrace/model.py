@@ -16,7 +16,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ctrace import abi
-from ctrace.columns import Columns
+from ctrace.columns import Columns, take
 from ctrace.grouping import first_last, group_max, group_min, group_rows, maybe_in
 from ctrace.keytable import Ages, KeyTable, Row, RowTable, bounded_samples
 from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
@@ -69,6 +69,11 @@ _KEYED_LUT = _ENTRY_LUT.copy()
 _KEYED_LUT[K.DROP] = True
 _KEYED_LUT[K.STATE] = False
 _LIVE_KIND = 0  # kind value of live-table rows inside a merge
+# What the live table keeps of an entry's latest record: what keys, states, ages, filters
+# and the matching of listed entries read (the reply tuple, pid, timeout... are not kept:
+# every batch writes the entries it touches, so each field kept costs a gather and a scatter).
+LIVE_FIELDS = ("ts_boot_ns", "ct_id", "start_boot_ns", "netns_ino", "status_raw", "orig_src", "orig_dst",
+               "orig_sport_be", "orig_dport_be", "zone", "kind", "family", "l4proto", "ct_state", "flags")
 _ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", "orig_dport_be", "netns_ino",
                   "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
@@ -97,7 +102,7 @@ class _Cols:
     def __getitem__(self, name: str) -> np.ndarray:
         col = self._cache.get(name)
         if col is None:
-            col = self.ev[name] if self.idx is None else self.ev[name][self.idx]
+            col = self.ev[name] if self.idx is None else take(self.ev[name], self.idx)
             self._cache[name] = col
         return col
 
@@ -105,8 +110,8 @@ class _Cols:
         """Field `name` of a few of these records (without gathering the whole field)."""
         col = self._cache.get(name)
         if col is not None:
-            return col[rows]
-        return self.ev[name][rows if self.idx is None else self.idx[rows]]
+            return take(col, rows)
+        return take(self.ev[name], rows if self.idx is None else self.idx[rows])
 
     def sub(self, sel: np.ndarray) -> "_Cols":
         return _Cols(self.ev, sel if self.idx is None else self.idx[sel])
@@ -235,7 +240,7 @@ class Model:
     def __init__(self, info: SourceInfo, options: Optional[ModelOptions] = None) -> None:
         self.info = info
         self.opt = options or ModelOptions()
-        self._slots = Columns.zeros(0)  # live entries, one per alive slot
+        self._slots = Columns.zeros(0, LIVE_FIELDS)  # live entries, one per alive slot
         self._alive = np.zeros(0, dtype=bool)
         self._n_alive = 0
         self.start_boot_ns = info.start_boot_ns
@@ -290,8 +295,9 @@ class Model:
         if len(lost):
             self.lost += np.bincount(ev["reason"][lost], weights=ev["value"][lost], minlength=8)[:8].astype(np.int64)
         counters = np.flatnonzero(kind == K.COUNTER)
-        for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
-            self.counters[cid] = val
+        if len(counters):  # (live-table records, seeding a filtered view, have no "reason")
+            for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
+                self.counters[cid] = val
         entry = np.flatnonzero(_ENTRY_LUT[kind])
         keyed = np.flatnonzero(_KEYED_LUT[kind])
         counting = None
@@ -312,7 +318,8 @@ class Model:
 
     @property
     def live(self) -> Columns:
-        """The live entries (a copy): the latest record of each, kind EXISTING."""
+        """The live entries (a copy): the latest record of each, kind EXISTING, with the
+        fields in LIVE_FIELDS."""
         return self._slots[self._alive]
 
     @property
@@ -368,7 +375,7 @@ class Model:
         groups = touched[write]
         dest = target[write]
         last_rows = last[groups]
-        rec = ev[sel[last_rows - n_live]]
+        rec = ev.select(sel[last_rows - n_live], LIVE_FIELDS)
 
         def gather(field: str, rows: np.ndarray) -> np.ndarray:
             """A column for combined row numbers (live slots first, then ev[sel])."""
@@ -433,7 +440,7 @@ class Model:
         gone = ev["kind"][rows] == K.DESTROY
         self._alive[hit[gone]] = False
         keep_rows, keep_slots = rows[~gone], hit[~gone]
-        rec = ev[keep_rows]
+        rec = ev.select(keep_rows, LIVE_FIELDS)
         old = self._slots[keep_slots]
         rec["start_boot_ns"] = old["start_boot_ns"]
         orphaned = ((old["flags"] & _FLAG_ORPHANED_LIVE) != 0) | (rec["kind"] == K.ORPHAN) | ((rec["flags"] & abi.FLAG_ORPHANED) != 0)
@@ -450,7 +457,7 @@ class Model:
         if len(free) < n:
             old = len(self._alive)
             size = max(1024, 2 * old, old + n - len(free))
-            grown = Columns.zeros(size)
+            grown = Columns.zeros(size, LIVE_FIELDS)
             grown.put(slice(0, old), self._slots)
             alive = np.zeros(size, dtype=bool)
             alive[:old] = self._alive
@@ -709,8 +716,8 @@ def _tuple_words(ev: Columns, rows: np.ndarray) -> List[np.ndarray]:
     """netns, zone, family, protocol and original tuple of ev[rows] as six uint64 words."""
     u = np.uint64
     w0 = ev["netns_ino"][rows].astype(u) | (ev["zone"][rows].astype(u) << u(32)) | (ev["family"][rows].astype(u) << u(48)) | (ev["l4proto"][rows].astype(u) << u(56))
-    src = np.ascontiguousarray(ev["orig_src"][rows]).view("<u8").reshape(-1, 2)
-    dst = np.ascontiguousarray(ev["orig_dst"][rows]).view("<u8").reshape(-1, 2)
+    src = np.ascontiguousarray(take(ev["orig_src"], rows)).view("<u8").reshape(-1, 2)
+    dst = np.ascontiguousarray(take(ev["orig_dst"], rows)).view("<u8").reshape(-1, 2)
     ports = ev["orig_sport_be"][rows].astype(u) | (ev["orig_dport_be"][rows].astype(u) << u(16))
     return [w0, src[:, 0], src[:, 1], dst[:, 0], dst[:, 1], ports]
 

@@ -142,6 +142,16 @@ class RecordingWriter:
             os.close(self._fd)
 
 
+@dataclass(frozen=True)
+class _Head:
+    """A chunk whose head was read and checked, its payload next in the file."""
+
+    ctype: bytes
+    plen: int
+    pcrc: int
+    at: int
+
+
 @dataclass
 class Damage:
     """What went wrong while reading, if anything: the reader keeps every complete chunk."""
@@ -211,24 +221,31 @@ class Reader:
         self.trailer: Optional[Dict[str, Any]] = None
         self.skipped_chunks = 0
         self._buf = bytearray(0)
-        self._pending: Optional[Tuple[bytes, memoryview]] = None
+        self._pending: Optional[_Head] = None
         self._done = False
         self.major, self.minor, self.header = self._read_header()
         self.record_size = int(self.header["record_size"])
         self.info = SourceInfo.from_json(self.header)
 
-    def _read(self, n: int) -> memoryview:
-        if len(self._buf) < n:
-            self._buf = bytearray(max(n, 2 * len(self._buf)))
-        view = memoryview(self._buf)[:n]
+    def _read_into(self, view: memoryview) -> int:
+        """Fill `view` from the file; the number of bytes read (fewer only at the end)."""
         got = self.f.readinto(view) or 0
-        while got < n:
+        while got < len(view):
             more = self.f.readinto(view[got:]) or 0
             if not more:
                 break
             got += more
         self.pos += got
-        return view[:got]
+        return got
+
+    def _scratch(self, n: int) -> memoryview:
+        if len(self._buf) < n:
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        return memoryview(self._buf)[:n]
+
+    def _read(self, n: int) -> memoryview:
+        view = self._scratch(n)
+        return view[: self._read_into(view)]
 
     def _read_header(self) -> Tuple[int, int, Dict[str, Any]]:
         path, size = self.path, self.size
@@ -263,9 +280,10 @@ class Reader:
             raise CorruptRecording(f"{path}: corrupt file header ({exc})") from None
         return major, minor, header
 
-    def _next_records(self) -> Optional[Tuple[bytes, memoryview]]:
-        """The next sound chunk of records (EXST or EVNT); handles trailers, unknown
-        types and damage on the way. None at the end."""
+    def _next_records(self) -> Optional[_Head]:
+        """The head of the next chunk of whole records (EXST or EVNT), its payload still
+        to read (_read_records); handles trailers, unknown types and damage on the way.
+        None at the end."""
         if self._pending is not None:
             item, self._pending = self._pending, None
             return item
@@ -285,22 +303,15 @@ class Reader:
             if zlib.crc32(head[:12]) != hcrc or plen > MAX_PAYLOAD:
                 self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk header at byte {at}"))
                 break
-            payload = self._read(plen)
-            if len(payload) < plen:
-                self.damage.append(Damage("truncated", at, f"{path}: truncated at byte {self.pos} inside a chunk of {plen} bytes at byte {at}"))
-                break
-            if zlib.crc32(payload) != pcrc:
-                self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk at byte {at} (CRC mismatch), skipped"))
-                self.skipped_chunks += 1
+            chunk = _Head(ctype, plen, pcrc, at)
+            if ctype in (T_EXISTING, T_EVENTS) and plen % self.record_size == 0:
+                return chunk
+            payload = self._scratch(plen)
+            if not self._read_checked(chunk, [payload]):
                 continue
-            if self.trailer is not None:
-                self.damage.append(Damage("corrupt", at, f"{path}: data after the trailer at byte {at}, ignored"))
-                break
             if ctype in (T_EXISTING, T_EVENTS):
-                if plen % self.record_size:
-                    self.damage.append(Damage("corrupt", at, f"{path}: chunk at byte {at} is not whole records, skipped"))
-                    continue
-                return ctype, payload
+                self.damage.append(Damage("corrupt", at, f"{path}: chunk at byte {at} is not whole records, skipped"))
+                continue
             if ctype == T_TRAILER:
                 try:
                     trailer = json.loads(bytes(payload).decode())
@@ -313,31 +324,66 @@ class Reader:
         self._done = True
         return None
 
-    def _fill(self, into: "_ColumnBuffer", payload: memoryview) -> None:
-        if self.major == 1:
-            into.add_packed(abi.decode(payload, self.record_size))
-        else:
-            into.add(payload, len(payload) // self.record_size)
+    def _read_checked(self, chunk: "_Head", views: List[memoryview]) -> bool:
+        """Read a chunk's payload into `views` in turn, checking its length and CRC on
+        the way (damage is recorded; True if the payload is sound)."""
+        path, at = self.path, chunk.at
+        got, crc = 0, 0
+        for view in views:
+            n = self._read_into(view)
+            crc = zlib.crc32(view[:n], crc)
+            got += n
+            if n < len(view):
+                break
+        if got < chunk.plen:
+            self.damage.append(Damage("truncated", at, f"{path}: truncated at byte {self.pos} inside a chunk of {chunk.plen} bytes at byte {at}"))
+            self._done = True
+            return False
+        if crc != chunk.pcrc:
+            self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk at byte {at} (CRC mismatch), skipped"))
+            self.skipped_chunks += 1
+            return False
+        if self.trailer is not None:
+            self.damage.append(Damage("corrupt", at, f"{path}: data after the trailer at byte {at}, ignored"))
+            self._done = True
+            return False
+        return True
 
-    def _chunks(self, ctype: bytes) -> Iterator[memoryview]:
-        """Payloads of the next run of record chunks of one type (the next one of another
-        type waits for the next call)."""
+    def _read_records(self, chunk: "_Head", into: "_ColumnBuffer") -> bool:
+        """Read a chunk of records into `into` (appended if the chunk is sound). Version 2
+        payloads are read straight into the columns, each field's values into its own."""
+        k = chunk.plen // self.record_size
+        if self.major == 1:
+            payload = self._scratch(chunk.plen)
+            if not self._read_checked(chunk, [payload]):
+                return False
+            into.add_packed(abi.decode(payload, self.record_size))
+            return True
+        # Fields of a newer minor version (records larger than ours) follow ours: skipped.
+        if not self._read_checked(chunk, into.free_fields(k) + [self._scratch(chunk.plen - k * abi.EVENT_SIZE)]):
+            return False
+        into.n += k
+        return True
+
+    def _chunks(self, ctype: bytes) -> Iterator["_Head"]:
+        """Heads of the next run of record chunks of one type (the next one of another
+        type waits for the next call). Read each one's payload before the next."""
         while True:
             item = self._next_records()
             if item is None:
                 return
-            if item[0] != ctype:
+            if item.ctype != ctype:
                 self._pending = item
                 return
-            yield item[1]
+            yield item
 
     def existing(self) -> Columns:
         """The initial snapshot (the EXST chunks the writer puts first)."""
         parts = []
-        for payload in self._chunks(T_EXISTING):
-            buf = _ColumnBuffer(len(payload) // self.record_size)
-            self._fill(buf, payload)
-            parts.append(buf.take())
+        for chunk in self._chunks(T_EXISTING):
+            buf = _ColumnBuffer(chunk.plen // self.record_size)
+            if self._read_records(chunk, buf):
+                parts.append(buf.take())
         return Columns.concat(parts)
 
     def batches(self, max_records: int = 1 << 20, read_ahead: bool = False) -> Iterator[Columns]:
@@ -345,8 +391,8 @@ class Reader:
         A batch is valid until the next one is asked for: copy what you keep. The initial
         snapshot is skipped if existing() was not called. read_ahead: a thread reads,
         checks and lays out the next batch while the caller works on this one."""
-        for _ in self._chunks(T_EXISTING):
-            pass
+        for chunk in self._chunks(T_EXISTING):
+            self._read_checked(chunk, [self._scratch(chunk.plen)])
         cap = max(1, min(max_records, (self.size - self.pos) // self.record_size))
         if not read_ahead:
             yield from self._batches(_ColumnBuffer(cap))
@@ -357,18 +403,18 @@ class Reader:
         """Batches filled into `buffers` in turn."""
         turn = 0
         out = buffers[0]
-        for payload in self._chunks(T_EVENTS):
-            k = len(payload) // self.record_size
+        for chunk in self._chunks(T_EVENTS):
+            k = chunk.plen // self.record_size
             if out.n + k > out.cap and out.n:
                 yield out.take()
                 turn += 1
                 out = buffers[turn % len(buffers)]
             if k > out.cap:
                 big = _ColumnBuffer(k)
-                self._fill(big, payload)
-                yield big.take()
+                if self._read_records(chunk, big):
+                    yield big.take()
                 continue
-            self._fill(out, payload)
+            self._read_records(chunk, out)
         if out.n:
             yield out.take()
 
@@ -378,6 +424,7 @@ class Reader:
 
 # (field, byte offset in the record, bytes per record) of struct ct_event, in order.
 _LAYOUT = tuple((name, abi.FIELD_OFFSETS[name], abi.EVENT_DTYPE.fields[name][0].itemsize) for name in FIELDS)
+assert sum(size for _, _, size in _LAYOUT) == abi.EVENT_SIZE, "struct ct_event has a gap the format does not store"
 
 
 class _ColumnBuffer:
@@ -386,20 +433,20 @@ class _ColumnBuffer:
 
     def __init__(self, cap: int) -> None:
         self.cap, self.n = cap, 0
-        self.raw = bytearray(cap * abi.EVENT_SIZE)
+        self.raw = np.empty(cap * abi.EVENT_SIZE, dtype=np.uint8)  # only rows below n are ever read
         self.view = memoryview(self.raw)
         self.cols = {
-            name: np.frombuffer(self.raw, dtype=field_dtype(name), count=cap * size // field_dtype(name).itemsize,
-                                offset=cap * off).reshape((cap,) + field_shape(name))
+            name: self.raw[cap * off : cap * (off + size)].view(field_dtype(name)).reshape((cap,) + field_shape(name))
             for name, off, size in _LAYOUT
         }
 
-    def add(self, payload: memoryview, k: int) -> None:
-        """k records stored field by field (format version 2)."""
+    def free_fields(self, k: int) -> List[memoryview]:
+        """Where the next k records go, field by field in the order of the record's layout
+        (format version 2 stores a chunk's records that way): fill them, then add k to n."""
+        if self.n + k > self.cap:
+            raise ValueError("column buffer full")
         cap, n = self.cap, self.n
-        for _, off, size in _LAYOUT:
-            self.view[cap * off + n * size : cap * off + (n + k) * size] = payload[k * off : k * (off + size)]
-        self.n += k
+        return [self.view[cap * off + n * size : cap * off + (n + k) * size] for _, off, size in _LAYOUT]
 
     def add_packed(self, records: np.ndarray) -> None:
         """Packed records (format version 1)."""
