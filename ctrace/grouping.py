@@ -29,12 +29,14 @@ def _buffer(name: str, size: int, dtype: Any) -> np.ndarray:
 
 
 def _mix(cols: Sequence[np.ndarray], salt: int) -> np.ndarray:
-    h = np.full(len(cols[0]), np.uint64(salt), dtype=np.uint64)
-    tmp = _buffer("mix", len(h), np.uint64)
+    tmp = _buffer("mix", len(cols[0]), np.uint64)
     with np.errstate(over="ignore"):
-        for c in cols:
-            h ^= c
-            h *= _MULT
+        # h = salt; then per column: h ^= c; h *= MULT; h ^= h >> 31 (the first two in one pass)
+        h = np.multiply(cols[0] ^ np.uint64(salt) if salt else cols[0], _MULT)
+        for i, c in enumerate(cols):
+            if i:
+                h ^= c
+                h *= _MULT
             np.right_shift(h, np.uint64(31), out=tmp)
             h ^= tmp
     return h

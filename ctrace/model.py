@@ -120,11 +120,10 @@ class _Cols:
         return self.ev.record(i if self.idx is None else int(self.idx[i]))
 
 
-def removal_reasons(ev: Any) -> np.ndarray:
-    """DESTROY records -> index into REMOVAL_REASONS (mechanism + protocol + state at removal)."""
-    mech, tcp, st = ev["reason"], ev["l4proto"] == abi.IPPROTO_TCP, ev["ct_state"]
+def _removal_rules(mech: np.ndarray, tcp: np.ndarray, st: np.ndarray) -> np.ndarray:
+    """Removal mechanism, TCP or not, conntrack state at removal -> index into REMOVAL_REASONS."""
     T = abi.TcpState
-    r = np.full(len(ev), _R["unknown"], dtype=np.int64)
+    r = np.full(len(mech), _R["unknown"], dtype=np.int64)
     timeout = mech == abi.DestroyReason.TIMEOUT
     ended = timeout | (mech == abi.DestroyReason.KILL)
     r[mech == abi.DestroyReason.KILL] = _R["killed"]
@@ -138,6 +137,19 @@ def removal_reasons(ev: Any) -> np.ndarray:
     r[mech == abi.DestroyReason.DELETE] = _R["delete"]
     r[mech == abi.DestroyReason.NETNS] = _R["netns"]
     return r
+
+
+# The rules above for every (mechanism, tcp, state) byte triple, looked up per record.
+_GRID = np.arange(256 * 2 * 256)
+_REMOVAL_LUT = _removal_rules(_GRID >> 9, ((_GRID >> 8) & 1).astype(bool), _GRID & 0xFF)
+
+
+def removal_reasons(ev: Any) -> np.ndarray:
+    """DESTROY records -> index into REMOVAL_REASONS (mechanism + protocol + state at removal)."""
+    i = ev["reason"].astype(np.int32) << 9
+    i |= (ev["l4proto"] == abi.IPPROTO_TCP).astype(np.int32) << 8
+    i |= ev["ct_state"]
+    return _REMOVAL_LUT[i]
 
 
 def state_codes(ev: np.ndarray) -> np.ndarray:
@@ -342,22 +354,24 @@ class Model:
         rep, gid = group_rows([np.concatenate([self._slots["ct_id"][slots], ev["ct_id"][sel]])])
         m = len(rep)
         first, last = first_last(gid, m, rep)
-        idx = np.arange(len(kind), dtype=np.int64)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
-        seg = group_max(m, gid[births], idx[births], -1)
-        orphan_ev = kind == K.ORPHAN
-        last_orphan = group_max(m, gid[orphan_ev], idx[orphan_ev], -1)
+        birth_rows = np.flatnonzero(births)
+        seg = group_max(m, gid[birth_rows], birth_rows, -1)
+        orphan_rows = np.flatnonzero(kind == K.ORPHAN)
+        last_orphan = group_max(m, gid[orphan_rows], orphan_rows, -1)
 
-        adopted = self._match_dumped(ev, sel, slots, kind, gid, first, idx, m)
+        adopted = self._match_dumped(ev, sel, slots, kind, gid, first, m)
 
-        # Running count for the peak: +1 per birth in the stream, -1 per known removal.
-        is_destroy = kind == K.DESTROY
-        unknown_destroy = is_destroy & (idx == first[gid]) & (idx >= n_live) & ~adopted[gid]
-        self.removed_unborn += int(np.count_nonzero(unknown_destroy))
-        delta = ((kind == K.NEW) | (kind == K.EXISTING)).astype(np.int64) - (is_destroy & ~unknown_destroy)
-        running = self._n_alive + np.cumsum(delta[n_live:])
-        if len(running):
-            self.peak_count = max(self.peak_count, int(running.max()))
+        # Running count for the peak: +1 per birth in the stream, -1 per known removal. A
+        # removal leading its group (no live slot, not a listed entry) is of an entry
+        # whose birth was never seen: it changes no count.
+        lead_destroy = (first >= n_live) & (kind[first] == K.DESTROY) & ~adopted
+        unborn_rows = first[lead_destroy] - n_live
+        self.removed_unborn += len(unborn_rows)
+        delta = births[n_live:].view(np.int8) - (kind[n_live:] == K.DESTROY).view(np.int8)
+        delta[unborn_rows] = 0
+        if len(delta):
+            self.peak_count = max(self.peak_count, self._n_alive + int(np.cumsum(delta, dtype=np.int32).max()))
 
         # Only groups whose last record is in this batch change; groups that were only
         # the continuation of a listed entry (handled above) are done.
@@ -407,7 +421,7 @@ class Model:
         self._n_alive = int(self._alive.sum())
 
     def _match_dumped(self, ev: Columns, sel: np.ndarray, slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
-                      first: np.ndarray, idx: np.ndarray, m: int) -> np.ndarray:
+                      first: np.ndarray, m: int) -> np.ndarray:
         """Entries read from a listing at start carry a sequence number, not the kernel's
         id (FLAG_DUMP_ID). The first records the kernel sends about such an entry are
         matched to it by netns, zone and original tuple (unique among live entries):
@@ -418,6 +432,7 @@ class Model:
         dumped = slots[(self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0]
         if not len(dumped):
             return adopted
+        idx = np.arange(len(kind), dtype=np.int64)
         stream_birth = (idx >= n_live) & ((kind == K.NEW) | (kind == K.EXISTING))
         first_birth = group_min(m, gid[stream_birth], idx[stream_birth], len(kind))
         lead = (idx >= n_live) & (first[gid] >= n_live) & (idx < first_birth[gid])
@@ -457,11 +472,10 @@ class Model:
         if len(free) < n:
             old = len(self._alive)
             size = max(1024, 2 * old, old + n - len(free))
-            grown = Columns.zeros(size, LIVE_FIELDS)
-            grown.put(slice(0, old), self._slots)
-            alive = np.zeros(size, dtype=bool)
-            alive[:old] = self._alive
-            self._slots, self._alive = grown, alive
+            # Slots beyond the alive ones are never read: the new ones need no zeroing.
+            self._slots = Columns({name: np.concatenate([c, np.empty((size - old,) + c.shape[1:], c.dtype)])
+                                   for name, c in self._slots.cols.items()}, size)
+            self._alive = np.concatenate([self._alive, np.zeros(size - old, dtype=bool)])
             free = np.flatnonzero(~self._alive)
         return free[:n]
 
