@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from ctrace import abi, recording  # noqa: E402
+from ctrace.heap import keep_freed_memory  # noqa: E402
 from ctrace.model import ModelOptions, _R, REMOVAL_REASONS  # noqa: E402
 from ctrace.pipeline import fold_file  # noqa: E402
 from ctrace.sources import synthetic  # noqa: E402
@@ -109,6 +110,7 @@ def per_event_loop(path: str) -> Dict[str, Any]:
 
 
 def main() -> None:
+    keep_freed_memory()  # as `ctrace report` does before folding (both sides run under it)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--pairs", type=int, default=3)

@@ -42,10 +42,16 @@ def _mix(cols: Sequence[np.ndarray], salt: int) -> np.ndarray:
     return h
 
 
-def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """columns: k arrays of n uint64 forming each row's key. Returns (rep, gid):
-    rep[g] is one row index of group g, gid[i] the group of row i. Equal keys
-    share a group; different keys never do."""
+def hash_rows(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """The 64-bit hash of each row's key that group_rows starts from (and maybe_in uses):
+    computed once, it can serve both."""
+    return _mix([np.ascontiguousarray(c, dtype=np.uint64) for c in columns], _SALTS[0])
+
+
+def group_rows(columns: Sequence[np.ndarray], hashed: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """columns: k arrays of n uint64 forming each row's key; hashed: hash_rows(columns)
+    if already at hand. Returns (rep, gid): rep[g] is one row index of group g, gid[i]
+    the group of row i. Equal keys share a group; different keys never do."""
     cols: List[np.ndarray] = [np.ascontiguousarray(c, dtype=np.uint64) for c in columns]
     n = len(cols[0])
     if n >= 2**31:
@@ -55,39 +61,50 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         return np.empty(0, dtype=np.int64), gid
     reps = []
     next_id = 0
-    remaining = np.arange(n, dtype=np.int64)
+    remaining: Optional[np.ndarray] = None  # rows still without a group (None: all)
     sub = cols
     for salt in _SALTS:
         # ~2 slots per row, capped to stay cache friendly: keys beyond the
         # table's capacity resolve in the next round.
-        bits = max(8, min(_MAX_BITS, int(2 * len(remaining) - 1).bit_length()))
+        k = len(sub[0])
+        bits = max(8, min(_MAX_BITS, int(2 * k - 1).bit_length()))
         size = 1 << bits
-        slot = _mix(sub, salt)
+        slot = hashed.copy() if hashed is not None and remaining is None else _mix(sub, salt)
         slot >>= np.uint64(64 - bits)
         slot = slot.view(np.int64)
         table = _buffer("table", size, np.int32)
         table.fill(-1)
         # Written last to first: where numpy keeps the last write (it does not promise
         # to), each group's claimant is its first row, which first_last() can use.
-        table[np.flip(slot)] = np.arange(len(remaining) - 1, -1, -1, dtype=np.int32)
+        table[np.flip(slot)] = np.arange(k - 1, -1, -1, dtype=np.int32)
         occupied = np.flatnonzero(table >= 0)
         claimant = table[occupied]
-        same = np.ones(len(remaining), dtype=bool)
-        key_at_slot = _buffer("keys", size, np.uint64)  # read only at occupied slots
-        for c in sub:
-            key_at_slot[occupied] = c[claimant]
-            same &= key_at_slot[slot] == c
-        dense = table  # the claimants are read: reuse the table for dense group ids
-        dense[occupied] = np.arange(next_id, next_id + len(occupied), dtype=np.int32)
-        reps.append(remaining[claimant])
+        dense = table  # the claimants are read: reuse the table for this round's group numbers
+        dense[occupied] = np.arange(len(occupied), dtype=np.int32)
+        local = dense[slot]  # each row's slot's group
+        # A row belongs to its slot's group if its key equals the claimant's, compared
+        # through the claimants' keys gathered in group order (small, cache friendly).
+        same = sub[0][claimant][local] == sub[0]
+        for c in sub[1:]:
+            same &= c[claimant][local] == c
+        # Every row takes its slot's group; rows that differ from their claimant are
+        # given theirs in a later round.
+        if remaining is None:
+            reps.append(claimant.astype(np.int64))
+            gid[:] = local
+            if same.all():
+                return reps[0], gid
+            remaining = np.flatnonzero(~same)
+        else:
+            reps.append(remaining[claimant])
+            gid[remaining] = local + next_id
+            if same.all():
+                return np.concatenate(reps), gid
+            remaining = remaining[~same]
         next_id += len(occupied)
-        if same.all():
-            gid[remaining] = dense[slot]
-            return np.concatenate(reps), gid
-        gid[remaining[same]] = dense[slot[same]]
-        remaining = remaining[~same]
         sub = [c[remaining] for c in cols]
     # Pathological leftovers: exact but slower.
+    assert remaining is not None
     stacked = np.stack(sub, axis=1)
     _, first, inverse = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
     gid[remaining] = next_id + inverse.reshape(-1)
@@ -95,26 +112,27 @@ def group_rows(columns: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     return np.concatenate(reps), gid
 
 
-def maybe_in(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """Per key: False if it is certainly not in `among`, True if it may be (a one-hash
-    Bloom filter of ~16 bits per element of `among`): a cheap way to set aside rows
-    that cannot match before an exact group-by."""
-    bits = max(16, min(26, (16 * len(among)).bit_length()))
+def maybe_in(key_hashes: np.ndarray, among_hashes: np.ndarray) -> np.ndarray:
+    """Per key (by its hash_rows hash): False if it is certainly not among the others,
+    True if it may be (a one-hash Bloom filter of ~16 bits per element of `among`): a
+    cheap way to set aside rows that cannot match before an exact group-by."""
+    bits = max(16, min(26, (16 * len(among_hashes)).bit_length()))
     mark = _buffer("bloom", 1 << bits, bool)
     mark.fill(False)
     shift = np.uint64(64 - bits)
-    mark[(_mix([among], _SALTS[1]) >> shift).view(np.int64)] = True
-    return mark[(_mix([keys], _SALTS[1]) >> shift).view(np.int64)]
+    mark[(among_hashes >> shift).view(np.int64)] = True
+    return mark[(key_hashes >> shift).view(np.int64)]
 
 
-def group_max(m: int, gid: np.ndarray, values: np.ndarray, fill: Any) -> np.ndarray:
+def group_max(m: int, gid: np.ndarray, values: np.ndarray, fill: Any, ascending: bool = False) -> np.ndarray:
     """out[g] = the largest of `values` over rows of group g (`fill` for groups without
     rows). A plain scatter in ascending order of value, checked; ufunc.at, which numpy
-    before 2.0 runs ~15x slower, only if the scatter did not keep the last write."""
+    before 2.0 runs ~15x slower, only if the scatter did not keep the last write.
+    ascending: the values are known to be in ascending order (row numbers)."""
     out = np.full(m, fill, dtype=values.dtype)
     if not len(gid):
         return out
-    if len(values) > 1 and (values[1:] < values[:-1]).any():
+    if not ascending and len(values) > 1 and (values[1:] < values[:-1]).any():
         order = np.argsort(values, kind="stable")
         gid, values = gid[order], values[order]
     out[gid] = values
@@ -143,7 +161,7 @@ def first_last(gid: np.ndarray, m: int, rep: Optional[np.ndarray] = None) -> Tup
     """First and last row index of each of m groups (rows in order). `rep` from
     group_rows is usually each group's first row already: checked, then used."""
     idx = np.arange(len(gid), dtype=np.int64)
-    last = group_max(m, gid, idx, -1)
+    last = group_max(m, gid, idx, -1, ascending=True)
     if rep is not None and len(rep) == m and (rep[gid] <= idx).all():
         return rep, last
     return group_min(m, gid, idx, len(gid)), last

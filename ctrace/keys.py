@@ -25,6 +25,11 @@ def proto_name(proto: int) -> str:
     return _PROTO_NAMES.get(int(proto), str(int(proto)))
 
 
+# An address key's first word is netns | family << 32 | address bits << 48: the last two
+# parts for each family byte.
+_FAMILY_BITS = np.array([(f << 32) | ((128 if f == abi.AF_INET6 else 32) << 48) for f in range(256)], dtype=np.uint64)
+
+
 def _addr_words(addr: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(n, 16) uint8 -> two (n,) uint64 words."""
     flat = np.ascontiguousarray(addr).view("<u8").reshape(-1, 2)
@@ -55,12 +60,11 @@ class KeySpace:
     def words(self, ev: np.ndarray) -> List[np.ndarray]:
         """Per-address key words of event (or live) records."""
         netns = ev["netns_ino"].astype(np.uint64)
-        family = ev["family"].astype(np.uint64)
         if self.by == "dport":
+            family = ev["family"].astype(np.uint64)
             w0 = netns | (family << np.uint64(32)) | (ev["l4proto"].astype(np.uint64) << np.uint64(40))
             return [w0, ev["orig_dport_be"].astype(np.uint64), np.zeros(len(ev), np.uint64)]
-        plen = np.where(family == abi.AF_INET6, np.uint64(128), np.uint64(32))
-        w0 = netns | (family << np.uint64(32)) | (plen << np.uint64(48))
+        w0 = netns | _FAMILY_BITS[ev["family"]]
         w1, w2 = _addr_words(ev["orig_src" if self.by == "src" else "orig_dst"])
         return [w0, w1, w2]
 

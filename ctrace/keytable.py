@@ -152,14 +152,22 @@ class RowTable:
         )
 
     def top(self, n: Optional[int] = None, sort: str = "live", where: Optional[Callable[["RowTable"], np.ndarray]] = None) -> List[Row]:
-        rows = self.order(sort, where(self) if where else None, n)
-        return [self.row(i) for i in rows[:n].tolist()] if n is not None else [self.row(i) for i in rows.tolist()]
+        rows = self.order(sort, where(self) if where else None, n)[:n]
+        if len(rows) > AGES_ONE_BY_ONE:
+            self.ages.all()  # one sort of every entry's age instead of a pass over them per row
+        return [self.row(i) for i in rows.tolist()]
 
     def __iter__(self) -> Iterator[Row]:
         return iter(self.top())
 
     def __getitem__(self, i: int) -> Row:
         return self.top()[i]
+
+
+# Up to this many rows listed get their median entry age one by one (a pass over every
+# live entry each); more rows share one sort of all ages (measured with 444,000 live
+# entries: 62 ms, as dear as 125 passes).
+AGES_ONE_BY_ONE = 100
 
 
 class Ages:

@@ -11,13 +11,13 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ctrace import abi
 from ctrace.columns import Columns, take
-from ctrace.grouping import first_last, group_max, group_min, group_rows, maybe_in
+from ctrace.grouping import first_last, group_max, group_min, group_rows, hash_rows, maybe_in
 from ctrace.keytable import Ages, KeyTable, Row, RowTable, bounded_samples
 from ctrace.keys import EventFilter, Key, KeySpace, addr_text, label, netns_of, proto_name
 from ctrace.sources.base import SourceInfo
@@ -74,6 +74,8 @@ _LIVE_KIND = 0  # kind value of live-table rows inside a merge
 # every batch writes the entries it touches, so each field kept costs a gather and a scatter).
 LIVE_FIELDS = ("ts_boot_ns", "ct_id", "start_boot_ns", "netns_ino", "status_raw", "orig_src", "orig_dst",
                "orig_sport_be", "orig_dport_be", "zone", "kind", "family", "l4proto", "ct_state", "flags")
+# Every field folding reads of an event (readers need not deliver the others).
+EVENT_FIELDS = LIVE_FIELDS + ("reason", "value")
 _ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", "orig_dport_be", "netns_ino",
                   "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
@@ -301,28 +303,31 @@ class Model:
             ts = ev["ts_boot_ns"]
         self.events_total += len(ev)
         kind = ev["kind"]
-        self.by_kind += np.bincount(kind, minlength=16)[:16]
+        per_kind = np.bincount(kind, minlength=16)[:16]
+        self.by_kind += per_kind
         self.now_boot_ns = max(self.now_boot_ns, int(ts[-1]))
-        lost = np.flatnonzero(kind == K.LOST)
-        if len(lost):
+        if per_kind[K.LOST]:
+            lost = np.flatnonzero(kind == K.LOST)
             self.lost += np.bincount(ev["reason"][lost], weights=ev["value"][lost], minlength=8)[:8].astype(np.int64)
-        counters = np.flatnonzero(kind == K.COUNTER)
-        if len(counters):  # (live-table records, seeding a filtered view, have no "reason")
+        if per_kind[K.COUNTER]:  # (live-table records, seeding a filtered view, have no "reason")
+            counters = np.flatnonzero(kind == K.COUNTER)
             for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
                 self.counters[cid] = val
-        entry = np.flatnonzero(_ENTRY_LUT[kind])
-        keyed = np.flatnonzero(_KEYED_LUT[kind])
+        # Rows of entry records and of records counted per key (None: every row).
+        n_entry, n_keyed = int(per_kind[_ENTRY_LUT[:16]].sum()), int(per_kind[_KEYED_LUT[:16]].sum())
+        entry = None if n_entry == len(ev) else np.flatnonzero(_ENTRY_LUT[kind])
+        keyed = None if n_keyed == len(ev) else np.flatnonzero(_KEYED_LUT[kind])
         counting = None
-        if len(keyed):
-            cols = _Cols(ev, keyed if len(keyed) < len(ev) else None)
-            if len(ev) >= _PARALLEL_MIN and len(entry):
+        if n_keyed:
+            cols = _Cols(ev, keyed)
+            if len(ev) >= _PARALLEL_MIN and n_entry:
                 # The live table and the per-key counters share no state: on a big batch
                 # they are folded side by side (numpy releases the GIL in its loops).
                 counting = _side_thread().submit(self._count_keys, cols)
             else:
                 self._count_keys(cols)
         try:
-            if len(entry):
+            if n_entry:
                 self._merge_entries(ev, entry)
         finally:
             if counting is not None:
@@ -338,29 +343,40 @@ class Model:
     def live_count(self) -> int:
         return self._n_alive
 
-    def _merge_entries(self, ev: Columns, sel: np.ndarray) -> None:
-        """Fold entry records ev[sel] into the live table: for every entry id, the last
-        record decides whether it lives; a NEW/EXISTING record starts a new life (ids
-        are reused). The table is a slot array updated in place: only entries the batch
-        touches are written."""
+    def _merge_entries(self, ev: Columns, sel: Optional[np.ndarray]) -> None:
+        """Fold entry records ev[sel] (sel None: all of ev) into the live table: for every
+        entry id, the last record decides whether it lives; a NEW/EXISTING record starts
+        a new life (ids are reused). The table is a slot array updated in place: only
+        entries the batch touches are written."""
+        if sel is None:
+            def at(r: np.ndarray) -> np.ndarray:  # row of ev of the r-th entry record
+                return r
+            ids, stream_kind = ev["ct_id"], ev["kind"]
+        else:
+            def at(r: np.ndarray) -> np.ndarray:
+                return sel[r]
+            ids, stream_kind = ev["ct_id"][sel], ev["kind"][sel]
         slots = np.flatnonzero(self._alive)
+        live_ids = self._slots["ct_id"][slots]
+        id_hash = hash_rows([ids])
+        live_hash = hash_rows([live_ids])
         if len(slots) > 4096:
             # Live entries this batch cannot touch stay out of the group-by: those whose
             # id is surely not in the batch and that are not awaiting a tuple match.
-            ids = self._slots["ct_id"][slots]
-            slots = slots[maybe_in(ids, ev["ct_id"][sel]) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0)]
+            near = maybe_in(live_hash, id_hash) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0)
+            slots, live_ids, live_hash = slots[near], live_ids[near], live_hash[near]
         n_live = len(slots)
-        kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), ev["kind"][sel]])
-        rep, gid = group_rows([np.concatenate([self._slots["ct_id"][slots], ev["ct_id"][sel]])])
+        kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), stream_kind])
+        rep, gid = group_rows([np.concatenate([live_ids, ids])], hashed=np.concatenate([live_hash, id_hash]))
         m = len(rep)
         first, last = first_last(gid, m, rep)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
         birth_rows = np.flatnonzero(births)
-        seg = group_max(m, gid[birth_rows], birth_rows, -1)
+        seg = group_max(m, gid[birth_rows], birth_rows, -1, ascending=True)
         orphan_rows = np.flatnonzero(kind == K.ORPHAN)
-        last_orphan = group_max(m, gid[orphan_rows], orphan_rows, -1)
+        last_orphan = group_max(m, gid[orphan_rows], orphan_rows, -1, ascending=True)
 
-        adopted = self._match_dumped(ev, sel, slots, kind, gid, first, m)
+        adopted = self._match_dumped(ev, at, slots, kind, gid, first, m)
 
         # Running count for the peak: +1 per birth in the stream, -1 per known removal. A
         # removal leading its group (no live slot, not a listed entry) is of an entry
@@ -389,14 +405,14 @@ class Model:
         groups = touched[write]
         dest = target[write]
         last_rows = last[groups]
-        rec = ev.select(sel[last_rows - n_live], LIVE_FIELDS)
+        rec = ev.select(at(last_rows - n_live), LIVE_FIELDS)
 
         def gather(field: str, rows: np.ndarray) -> np.ndarray:
             """A column for combined row numbers (live slots first, then ev[sel])."""
             out = np.empty(len(rows), dtype=ev[field].dtype)
             in_live = rows < n_live
             out[in_live] = self._slots[field][slots[rows[in_live]]]
-            out[~in_live] = ev[field][sel[rows[~in_live] - n_live]]
+            out[~in_live] = ev[field][at(rows[~in_live] - n_live)]
             return out
 
         starts = seg[groups]
@@ -420,7 +436,7 @@ class Model:
         self._alive[dest] = True
         self._n_alive = int(self._alive.sum())
 
-    def _match_dumped(self, ev: Columns, sel: np.ndarray, slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
+    def _match_dumped(self, ev: Columns, at: Callable[[np.ndarray], np.ndarray], slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
                       first: np.ndarray, m: int) -> np.ndarray:
         """Entries read from a listing at start carry a sequence number, not the kernel's
         id (FLAG_DUMP_ID). The first records the kernel sends about such an entry are
@@ -440,7 +456,7 @@ class Model:
             return adopted
         last_lead = group_max(m, gid[lead], idx[lead], -1)
         groups = np.flatnonzero(last_lead >= 0)
-        rows = sel[last_lead[groups] - n_live]
+        rows = at(last_lead[groups] - n_live)
         cand = _tuple_words(ev, rows)
         mine = _tuple_words(self._slots, dumped)
         rep, tid = group_rows([np.concatenate([a, b]) for a, b in zip(mine, cand)])
@@ -541,7 +557,7 @@ class Model:
         flat = np.concatenate([gid[r] * nc + c for r, c in zip(rows, cols)]) if rows else np.empty(0, np.int64)
         per_key = np.bincount(flat, minlength=m * nc).reshape(m, nc)
         rep_words = [w[rep] for w in words]
-        last = group_max(m, gid, np.arange(len(gid), dtype=np.int64), -1)
+        last = group_max(m, gid, np.arange(len(gid), dtype=np.int64), -1, ascending=True)
         seen = ev["ts_boot_ns"][last].astype(np.int64)
         where = self.ips.add(rep_words, per_key, seen)
         if len(drop):

@@ -4,7 +4,7 @@ from typing import List, Sequence, Tuple, Union
 
 from ctrace import recording
 from ctrace.env import Environment
-from ctrace.model import Model, ModelOptions
+from ctrace.model import EVENT_FIELDS, Model, ModelOptions
 from ctrace.status import ExitStatus
 
 Damaged = Union[recording.Recording, recording.Reader]
@@ -28,15 +28,16 @@ def warn_damage(env: Environment, rec: Damaged) -> None:
         env.warn(line + " (data before it is used)")
 
 
-def fold_file(path: str, options: ModelOptions, batch: int = 1 << 20) -> Tuple[Model, recording.Reader, int]:
+def fold_file(path: str, options: ModelOptions, batch: int = 1 << 19) -> Tuple[Model, recording.Reader, int]:
     """Stream a recording through a model at full speed, a batch at a time (memory stays
-    flat whatever the file's size). Returns the model, the reader (damage, trailer) and
-    where the recording ends."""
+    flat whatever the file's size; 2^19 records per batch was the fastest size measured,
+    docs/PERFORMANCE.md). Returns the model, the reader (damage, trailer) and where the
+    recording ends."""
     reader = recording.open_reader(path)
     try:
         model = Model(reader.info, options)
         model.seed(reader.existing())
-        for b in reader.batches(batch, read_ahead=True):
+        for b in reader.batches(batch, read_ahead=True, fields=EVENT_FIELDS):
             model.apply(b)
     finally:
         reader.close()

@@ -21,7 +21,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -386,20 +386,21 @@ class Reader:
                 parts.append(buf.take())
         return Columns.concat(parts)
 
-    def batches(self, max_records: int = 1 << 20, read_ahead: bool = False) -> Iterator[Columns]:
+    def batches(self, max_records: int = 1 << 20, read_ahead: bool = False, fields: Sequence[str] = FIELDS) -> Iterator[Columns]:
         """Events in batches of up to max_records (more only when one chunk is larger).
         A batch is valid until the next one is asked for: copy what you keep. The initial
         snapshot is skipped if existing() was not called. read_ahead: a thread reads,
-        checks and lays out the next batch while the caller works on this one."""
+        checks and lays out the next batch while the caller works on this one. fields:
+        the fields the batches hold (the others are read and checked, not kept)."""
         for chunk in self._chunks(T_EXISTING):
             self._read_checked(chunk, [self._scratch(chunk.plen)])
         cap = max(1, min(max_records, (self.size - self.pos) // self.record_size))
         if not read_ahead:
-            yield from self._batches(_ColumnBuffer(cap))
+            yield from self._batches(fields, _ColumnBuffer(cap, fields))
             return
-        yield from _read_ahead(self._batches(_ColumnBuffer(cap), _ColumnBuffer(cap)))
+        yield from _read_ahead(self._batches(fields, _ColumnBuffer(cap, fields), _ColumnBuffer(cap, fields)))
 
-    def _batches(self, *buffers: "_ColumnBuffer") -> Iterator[Columns]:
+    def _batches(self, fields: Sequence[str], *buffers: "_ColumnBuffer") -> Iterator[Columns]:
         """Batches filled into `buffers` in turn."""
         turn = 0
         out = buffers[0]
@@ -410,7 +411,7 @@ class Reader:
                 turn += 1
                 out = buffers[turn % len(buffers)]
             if k > out.cap:
-                big = _ColumnBuffer(k)
+                big = _ColumnBuffer(k, fields)
                 if self._read_records(chunk, big):
                     yield big.take()
                 continue
@@ -425,28 +426,39 @@ class Reader:
 # (field, byte offset in the record, bytes per record) of struct ct_event, in order.
 _LAYOUT = tuple((name, abi.FIELD_OFFSETS[name], abi.EVENT_DTYPE.fields[name][0].itemsize) for name in FIELDS)
 assert sum(size for _, _, size in _LAYOUT) == abi.EVENT_SIZE, "struct ct_event has a gap the format does not store"
+_WIDEST = max(size for _, _, size in _LAYOUT)
 
 
 class _ColumnBuffer:
-    """Columns for up to `cap` records in one block of memory, filled chunk by chunk
-    with one slice copy per field (no per-record work, few numpy calls)."""
+    """Columns of the wanted fields for up to `cap` records in one block of memory, filled
+    chunk by chunk (no per-record work, few numpy calls). Values of other fields are read
+    into a small spare buffer, overwritten chunk after chunk."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, fields: Sequence[str] = FIELDS) -> None:
         self.cap, self.n = cap, 0
-        self.raw = np.empty(cap * abi.EVENT_SIZE, dtype=np.uint8)  # only rows below n are ever read
+        wanted = [(name, size) for name, _, size in _LAYOUT if name in fields]
+        self.raw = np.empty(cap * sum(size for _, size in wanted), dtype=np.uint8)  # only rows below n are ever read
         self.view = memoryview(self.raw)
-        self.cols = {
-            name: self.raw[cap * off : cap * (off + size)].view(field_dtype(name)).reshape((cap,) + field_shape(name))
-            for name, off, size in _LAYOUT
-        }
+        self.at: Dict[str, int] = {}  # field -> its column's first byte in raw
+        self.cols: Dict[str, np.ndarray] = {}
+        at = 0
+        for name, size in wanted:
+            self.at[name] = at
+            self.cols[name] = self.raw[at : at + cap * size].view(field_dtype(name)).reshape((cap,) + field_shape(name))
+            at += cap * size
+        self.spare = bytearray(0)
 
     def free_fields(self, k: int) -> List[memoryview]:
         """Where the next k records go, field by field in the order of the record's layout
         (format version 2 stores a chunk's records that way): fill them, then add k to n."""
         if self.n + k > self.cap:
             raise ValueError("column buffer full")
-        cap, n = self.cap, self.n
-        return [self.view[cap * off + n * size : cap * off + (n + k) * size] for _, off, size in _LAYOUT]
+        if len(self.spare) < k * _WIDEST:
+            self.spare = bytearray(k * _WIDEST)
+        spare = memoryview(self.spare)
+        n = self.n
+        return [self.view[self.at[name] + n * size : self.at[name] + (n + k) * size] if name in self.at else spare[: k * size]
+                for name, _, size in _LAYOUT]
 
     def add_packed(self, records: np.ndarray) -> None:
         """Packed records (format version 1)."""

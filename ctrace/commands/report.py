@@ -7,6 +7,7 @@ import click
 
 from ctrace.commands.options import build_model_options, model_options
 from ctrace.env import Environment
+from ctrace.heap import keep_freed_memory
 from ctrace.pipeline import damage_lines, damage_status, fold_file, warn_damage
 from ctrace.status import ExitStatus
 from ctrace.views import report
@@ -26,6 +27,7 @@ def command(env: Environment, file: str, as_json: bool, top: Optional[int], by: 
       ctrace report incident.ctr
       ctrace report --json --top 50 incident.ctr | jq .ips
     """
+    keep_freed_memory()
     model, rec, end = fold_file(file, build_model_options(by, prefix4, prefix6, max_keys))
     warn_damage(env, rec)
     snap = model.snapshot(end)

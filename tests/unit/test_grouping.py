@@ -67,6 +67,6 @@ def test_maybe_in_has_no_false_negatives():
     among = rng.integers(0, 1 << 62, 100_000, dtype=np.uint64)
     others = rng.integers(0, 1 << 62, 100_000, dtype=np.uint64)
     keys = np.concatenate([among[::3], others])
-    hit = grouping.maybe_in(keys, among)
+    hit = grouping.maybe_in(grouping.hash_rows([keys]), grouping.hash_rows([among]))
     assert hit[: len(among[::3])].all()
     assert hit[len(among[::3]) :].mean() < 0.1  # few false positives

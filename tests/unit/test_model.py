@@ -249,3 +249,25 @@ def test_big_live_table_same_result_whatever_the_batching():
     assert results[0][0] == n - k and results[0][1] == n and results[0][3] == {"fin": k}
     assert results[0][5][abi.TcpState.ESTABLISHED] == n - k
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_median_ages_of_many_rows_come_from_one_sort_and_match_one_by_one():
+    # A full report lists every address: past AGES_ONE_BY_ONE rows the medians come from
+    # one sort of all entries' ages (a pass per row was O(rows x live entries)).
+    from ctrace.keytable import AGES_ONE_BY_ONE
+
+    n = AGES_ONE_BY_ONE + 8
+    # Address i holds 1-3 entries; entry id e is born e + 1 s after T0.
+    evs = [new(i * 4 + k, 1 + i * 4 + k, src=f"10.0.{i // 200}.{i % 200 + 1}") for i in range(n) for k in range(1 + i % 3)]
+    m = fold(seq(evs))
+    end = T0 + 1000 * NS
+    few = m.snapshot(end).ips
+    one_by_one = {r.label: r.median_age_s for r in few.top(AGES_ONE_BY_ONE)}
+    assert few.ages._all is None
+    many = m.snapshot(end).ips
+    rows = many.top()
+    assert len(rows) == n and many.ages._all is not None
+    by_label = {r.label: r.median_age_s for r in rows}
+    assert all(by_label[k] == pytest.approx(v) for k, v in one_by_one.items())
+    assert by_label["10.0.0.1"] == pytest.approx(999.0)  # its one entry, born at T0 + 1 s
+    assert by_label["10.0.0.3"] == pytest.approx(1000 - 10)  # entries born at 9, 10 and 11 s
