@@ -5,7 +5,7 @@ the same CPU: kprobe programs share one per-CPU guard (also held during BPF map
 syscalls), fentry/fexit and raw tracepoint programs guard each program. Every
 skipped run may lose one record. The kernel counts skips per program and shows
 the count in the program fd's fdinfo (`recursion_misses:`): for fentry/fexit
-since 5.11, for kprobes and raw tracepoints since 6.7 (before, their skips are
+since 5.12, for kprobes and raw tracepoints since 6.7 (before, their skips are
 not counted anywhere).
 """
 
