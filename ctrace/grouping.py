@@ -92,15 +92,12 @@ def group_rows(columns: Sequence[np.ndarray], hashed: Optional[np.ndarray] = Non
         if remaining is None:
             reps.append(claimant.astype(np.int64))
             gid[:] = local
-            if same.all():
-                return reps[0], gid
-            remaining = np.flatnonzero(~same)
         else:
             reps.append(remaining[claimant])
             gid[remaining] = local + next_id
-            if same.all():
-                return np.concatenate(reps), gid
-            remaining = remaining[~same]
+        if same.all():
+            return (reps[0] if len(reps) == 1 else np.concatenate(reps)), gid
+        remaining = np.flatnonzero(~same) if remaining is None else remaining[~same]
         next_id += len(occupied)
         sub = [c[remaining] for c in cols]
     # Pathological leftovers: exact but slower.
@@ -112,11 +109,12 @@ def group_rows(columns: Sequence[np.ndarray], hashed: Optional[np.ndarray] = Non
     return np.concatenate(reps), gid
 
 
-def maybe_in(key_hashes: np.ndarray, among_hashes: np.ndarray) -> np.ndarray:
+def maybe_in(key_hashes: np.ndarray, among_hashes: np.ndarray, distinct: Optional[int] = None) -> np.ndarray:
     """Per key (by its hash_rows hash): False if it is certainly not among the others,
-    True if it may be (a one-hash Bloom filter of ~16 bits per element of `among`): a
-    cheap way to set aside rows that cannot match before an exact group-by."""
-    bits = max(16, min(26, (16 * len(among_hashes)).bit_length()))
+    True if it may be (a one-hash Bloom filter of ~16 bits per distinct element of
+    `among`; distinct: about how many there are, default all): a cheap way to set aside
+    rows that cannot match before an exact group-by."""
+    bits = max(16, min(26, (16 * (len(among_hashes) if distinct is None else distinct)).bit_length()))
     mark = _buffer("bloom", 1 << bits, bool)
     mark.fill(False)
     shift = np.uint64(64 - bits)

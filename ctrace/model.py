@@ -76,6 +76,9 @@ LIVE_FIELDS = ("ts_boot_ns", "ct_id", "start_boot_ns", "netns_ino", "status_raw"
                "orig_sport_be", "orig_dport_be", "zone", "kind", "family", "l4proto", "ct_state", "flags")
 # Every field folding reads of an event (readers need not deliver the others).
 EVENT_FIELDS = LIVE_FIELDS + ("reason", "value")
+# What a snapshot reads of the live entries.
+_SNAPSHOT_FIELDS = ("netns_ino", "family", "orig_src", "orig_dst", "orig_dport_be", "l4proto", "ct_state", "status_raw",
+                    "flags", "start_boot_ns", "kind")
 _ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", "orig_dport_be", "netns_ino",
                   "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
@@ -141,16 +144,18 @@ def _removal_rules(mech: np.ndarray, tcp: np.ndarray, st: np.ndarray) -> np.ndar
     return r
 
 
-# The rules above for every (mechanism, tcp, state) byte triple, looked up per record.
-_GRID = np.arange(256 * 2 * 256)
-_REMOVAL_LUT = _removal_rules(_GRID >> 9, ((_GRID >> 8) & 1).astype(bool), _GRID & 0xFF)
+# The rules above for every (mechanism, tcp, state) triple, looked up per record. Values
+# past the last known mechanism and state are clipped to one past it (no rule names it).
+_MECHS, _STATES = max(abi.DestroyReason) + 2, max(abi.TcpState) + 2
+_GRID = np.arange(_MECHS * 2 * _STATES)
+_REMOVAL_LUT = _removal_rules(_GRID // (2 * _STATES), ((_GRID // _STATES) & 1).astype(bool), _GRID % _STATES)
 
 
 def removal_reasons(ev: Any) -> np.ndarray:
     """DESTROY records -> index into REMOVAL_REASONS (mechanism + protocol + state at removal)."""
-    i = ev["reason"].astype(np.int32) << 9
-    i |= (ev["l4proto"] == abi.IPPROTO_TCP).astype(np.int32) << 8
-    i |= ev["ct_state"]
+    i = np.minimum(ev["reason"], _MECHS - 1).astype(np.int32) * (2 * _STATES)
+    i += (ev["l4proto"] == abi.IPPROTO_TCP).astype(np.int32) * _STATES
+    i += np.minimum(ev["ct_state"], _STATES - 1)
     return _REMOVAL_LUT[i]
 
 
@@ -257,6 +262,7 @@ class Model:
         self._slots = Columns.zeros(0, LIVE_FIELDS)  # live entries, one per alive slot
         self._alive = np.zeros(0, dtype=bool)
         self._n_alive = 0
+        self._merge_groups = 0  # distinct entries the last merge saw (sizes the next one's Bloom filter)
         self.start_boot_ns = info.start_boot_ns
         self.now_boot_ns = info.start_boot_ns
         self.start_count = 0
@@ -363,12 +369,15 @@ class Model:
         if len(slots) > 4096:
             # Live entries this batch cannot touch stay out of the group-by: those whose
             # id is surely not in the batch and that are not awaiting a tuple match.
-            near = maybe_in(live_hash, id_hash) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0)
-            slots, live_ids, live_hash = slots[near], live_ids[near], live_hash[near]
+            # Sized for twice the distinct ids of the last batch: records repeat ids, and a
+            # filter that fits in cache is faster (a batch with more only lets more through).
+            expected = min(len(ids), 2 * self._merge_groups) if self._merge_groups else len(ids)
+            near = np.flatnonzero(maybe_in(live_hash, id_hash, expected) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0))
+            slots, live_ids, live_hash = slots[near], live_ids[near], live_hash[near]  # (row numbers: a mask is slower)
         n_live = len(slots)
         kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), stream_kind])
         rep, gid = group_rows([np.concatenate([live_ids, ids])], hashed=np.concatenate([live_hash, id_hash]))
-        m = len(rep)
+        m = self._merge_groups = len(rep)
         first, last = first_last(gid, m, rep)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
         birth_rows = np.flatnonzero(births)
@@ -411,8 +420,11 @@ class Model:
             """A column for combined row numbers (live slots first, then ev[sel])."""
             out = np.empty(len(rows), dtype=ev[field].dtype)
             in_live = rows < n_live
-            out[in_live] = self._slots[field][slots[rows[in_live]]]
-            out[~in_live] = ev[field][at(rows[~in_live] - n_live)]
+            if not in_live.any():
+                return ev[field][at(rows - n_live)]
+            live_at, stream_at = np.flatnonzero(in_live), np.flatnonzero(~in_live)
+            out[live_at] = self._slots[field][slots[rows[live_at]]]
+            out[stream_at] = ev[field][at(rows[stream_at] - n_live)]
             return out
 
         starts = seg[groups]
@@ -484,7 +496,12 @@ class Model:
 
     def _free_slots(self, n: int) -> np.ndarray:
         """n unused slot numbers, growing the slot array (doubling) when needed."""
-        free = np.flatnonzero(~self._alive)
+        if not n:
+            return np.empty(0, dtype=np.int64)
+        # The first unused slots: look in a stretch a few times n long before the whole table.
+        free = np.flatnonzero(~self._alive[: 4 * n])
+        if len(free) < n:
+            free = np.flatnonzero(~self._alive)
         if len(free) < n:
             old = len(self._alive)
             size = max(1024, 2 * old, old + n - len(free))
@@ -707,24 +724,33 @@ class Model:
 
     def _row_tables(self, now: int, interval: float) -> Tuple[RowTable, RowTable, RowTable]:
         """Each table's tracked keys joined with the live table's per-key tallies."""
-        live = self.live
+        live = self._slots.select(np.flatnonzero(self._alive), _SNAPSHOT_FIELDS)
         ks = self.opt.keys
-        words = ks.words(live)
         states = state_codes(live)
         age = np.where((live["flags"] & abi.FLAG_START_KNOWN) != 0, (now - live["start_boot_ns"].astype(np.int64)) / NS, np.nan)
         orphan = ((live["flags"] & _FLAG_ORPHANED_LIVE) != 0).astype(np.float64)
-        out = []
-        for table, kw in ((self.ips, words), (self.prefixes, ks.prefix_words(words)), (self.netns, ks.netns_words(words))):
-            out.append(self._row_table(table, kw, states, age, orphan, interval))
+        ips, keys, key_of_entry = self._row_table(self.ips, ks.words(live), None, states, age, orphan, interval)
+        # Prefixes and netns group the addresses that have live entries (from the join
+        # above), not every live entry again.
+        has_live = np.bincount(key_of_entry, minlength=len(keys[0])) > 0
+        addresses = [w[has_live] for w in keys]
+        address_of_entry = (np.cumsum(has_live) - 1)[key_of_entry]
+        prefixes = self._row_table(self.prefixes, ks.prefix_words(addresses), address_of_entry, states, age, orphan, interval)[0]
+        netns = self._row_table(self.netns, ks.netns_words(addresses), address_of_entry, states, age, orphan, interval)[0]
+        for table in (self.ips, self.prefixes, self.netns):
             table.prev = table.counts[:, [_C["created"], _C["destroyed"]]].copy()
-        return out[0], out[1], out[2]
+        return ips, prefixes, netns
 
-    def _row_table(self, table: KeyTable, live_words: List[np.ndarray], states: np.ndarray, age: np.ndarray,
-                   orphan: np.ndarray, interval: float) -> RowTable:
+    def _row_table(self, table: KeyTable, key_words: List[np.ndarray], key_of_entry: Optional[np.ndarray], states: np.ndarray,
+                   age: np.ndarray, orphan: np.ndarray, interval: float) -> Tuple[RowTable, List[np.ndarray], np.ndarray]:
+        """The table's keys joined with live entries' keys: key_words, one per entry (key_of_entry
+        None) or the distinct keys with each entry's in key_of_entry. Returns the row table, the
+        joined keys and each live entry's joined key."""
         n = len(table)
-        rep, gid = group_rows([np.concatenate([a, b]) for a, b in zip(table.words, live_words)])
+        joined = [np.concatenate([a, b]) for a, b in zip(table.words, key_words)]
+        rep, gid = group_rows(joined)
         g = len(rep)
-        tid, lid = gid[:n], gid[n:]
+        tid, lid = gid[:n], gid[n:] if key_of_entry is None else gid[n:][key_of_entry]
         ns = len(STATE_NAMES)
         st = np.bincount(lid * ns + states, minlength=g * ns).reshape(g, ns)[tid]
         orph = np.bincount(lid, weights=orphan, minlength=g)[tid].astype(np.int64)
@@ -739,7 +765,7 @@ class Model:
             drops=c[:, _C["drops"]], new_per_s=per_s(created, table.prev[:, 0]), gone_per_s=per_s(destroyed, table.prev[:, 1]),
             ages=Ages(n, lid, age, tid, g), states=st, removals=c[:, r0 : r0 + len(REMOVAL_REASONS)],
             state_names=STATE_NAMES, removal_names=REMOVAL_REASONS, samples=samples,
-        )
+        ), [w[rep] for w in joined], lid
 
 
 def _tuple_words(ev: Columns, rows: np.ndarray) -> List[np.ndarray]:

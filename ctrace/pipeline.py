@@ -31,13 +31,14 @@ def warn_damage(env: Environment, rec: Damaged) -> None:
 def fold_file(path: str, options: ModelOptions, batch: int = 1 << 19) -> Tuple[Model, recording.Reader, int]:
     """Stream a recording through a model at full speed, a batch at a time (memory stays
     flat whatever the file's size; 2^19 records per batch was the fastest size measured,
-    docs/PERFORMANCE.md). Returns the model, the reader (damage, trailer) and where the
+    docs/PERFORMANCE.md). The first batch is an eighth of that, so folding starts while
+    little has been read. Returns the model, the reader (damage, trailer) and where the
     recording ends."""
     reader = recording.open_reader(path)
     try:
         model = Model(reader.info, options)
         model.seed(reader.existing())
-        for b in reader.batches(batch, read_ahead=True, fields=EVENT_FIELDS):
+        for b in reader.batches(batch, read_ahead=True, fields=EVENT_FIELDS, first=batch >> 3):
             model.apply(b)
     finally:
         reader.close()

@@ -386,30 +386,36 @@ class Reader:
                 parts.append(buf.take())
         return Columns.concat(parts)
 
-    def batches(self, max_records: int = 1 << 20, read_ahead: bool = False, fields: Sequence[str] = FIELDS) -> Iterator[Columns]:
+    def batches(self, max_records: int = 1 << 20, read_ahead: bool = False, fields: Sequence[str] = FIELDS,
+                first: Optional[int] = None) -> Iterator[Columns]:
         """Events in batches of up to max_records (more only when one chunk is larger).
         A batch is valid until the next one is asked for: copy what you keep. The initial
         snapshot is skipped if existing() was not called. read_ahead: a thread reads,
         checks and lays out the next batch while the caller works on this one. fields:
-        the fields the batches hold (the others are read and checked, not kept)."""
+        the fields the batches hold (the others are read and checked, not kept). first:
+        the first batch holds up to this many records (a small one gets a reading-ahead
+        caller started sooner)."""
         for chunk in self._chunks(T_EXISTING):
             self._read_checked(chunk, [self._scratch(chunk.plen)])
         cap = max(1, min(max_records, (self.size - self.pos) // self.record_size))
+        first_cap = cap if first is None else max(1, min(first, cap))
         if not read_ahead:
-            yield from self._batches(fields, _ColumnBuffer(cap, fields))
+            yield from self._batches(fields, first_cap, _ColumnBuffer(cap, fields))
             return
-        yield from _read_ahead(self._batches(fields, _ColumnBuffer(cap, fields), _ColumnBuffer(cap, fields)))
+        yield from _read_ahead(self._batches(fields, first_cap, _ColumnBuffer(cap, fields), _ColumnBuffer(cap, fields)))
 
-    def _batches(self, fields: Sequence[str], *buffers: "_ColumnBuffer") -> Iterator[Columns]:
-        """Batches filled into `buffers` in turn."""
+    def _batches(self, fields: Sequence[str], first_cap: int, *buffers: "_ColumnBuffer") -> Iterator[Columns]:
+        """Batches filled into `buffers` in turn, the first one only up to first_cap records."""
         turn = 0
         out = buffers[0]
+        limit = first_cap
         for chunk in self._chunks(T_EVENTS):
             k = chunk.plen // self.record_size
-            if out.n + k > out.cap and out.n:
+            if out.n + k > limit and out.n:
                 yield out.take()
                 turn += 1
                 out = buffers[turn % len(buffers)]
+                limit = out.cap
             if k > out.cap:
                 big = _ColumnBuffer(k, fields)
                 if self._read_records(chunk, big):

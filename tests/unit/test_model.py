@@ -91,6 +91,17 @@ def test_removal_reason_rules():
                    "early-drop", "delete", "netns", "fin", "killed", "unknown"]
 
 
+def test_removal_reason_lookup_follows_the_rules_for_every_byte_value():
+    # The per-record lookup table covers known mechanisms and states; any other byte
+    # value must still land where the rules put it (unknown, timeout...).
+    from ctrace.model import _removal_rules
+
+    g = np.arange(256 * 2 * 256)
+    mech, tcp, state = (g >> 9).astype(np.uint8), ((g >> 8) & 1).astype(bool), (g & 0xFF).astype(np.uint8)
+    ev = {"reason": mech, "l4proto": np.where(tcp, abi.IPPROTO_TCP, abi.IPPROTO_UDP).astype(np.uint8), "ct_state": state}
+    assert (removal_reasons(ev) == _removal_rules(mech, tcp, state)).all()
+
+
 def test_orphans_counted_once_and_cleared_by_late_fin():
     m = fold(seq([
         new(1, 0), state(1, 1, S.ESTABLISHED), dict(kind=abi.Kind.ORPHAN, ct_id=1, t=2),
@@ -251,23 +262,25 @@ def test_big_live_table_same_result_whatever_the_batching():
     assert results[1] == results[0] and results[2] == results[0]
 
 
-def test_median_ages_of_many_rows_come_from_one_sort_and_match_one_by_one():
-    # A full report lists every address: past AGES_ONE_BY_ONE rows the medians come from
-    # one sort of all entries' ages (a pass per row was O(rows x live entries)).
-    from ctrace.keytable import AGES_ONE_BY_ONE
+def test_median_ages_of_many_rows_come_from_one_sort_and_match_one_pass():
+    # A full report lists every address: past AGES_ONE_PASS rows the medians come from
+    # one sort of all entries' ages; fewer rows get theirs from one pass over the entries.
+    from ctrace.keytable import AGES_ONE_PASS
 
-    n = AGES_ONE_BY_ONE + 8
+    n = AGES_ONE_PASS + 8
     # Address i holds 1-3 entries; entry id e is born e + 1 s after T0.
-    evs = [new(i * 4 + k, 1 + i * 4 + k, src=f"10.0.{i // 200}.{i % 200 + 1}") for i in range(n) for k in range(1 + i % 3)]
+    evs = [new(i * 4 + k, 1 + i * 4 + k, src=f"10.{i // 40000}.{i // 200 % 200}.{i % 200 + 1}") for i in range(n) for k in range(1 + i % 3)]
     m = fold(seq(evs))
-    end = T0 + 1000 * NS
+    end = T0 + 10000 * NS
     few = m.snapshot(end).ips
-    one_by_one = {r.label: r.median_age_s for r in few.top(AGES_ONE_BY_ONE)}
-    assert few.ages._all is None
+    one_pass = {r.label: r.median_age_s for r in few.top(AGES_ONE_PASS)}
+    assert few.ages._all is None and len(one_pass) == AGES_ONE_PASS
     many = m.snapshot(end).ips
     rows = many.top()
     assert len(rows) == n and many.ages._all is not None
     by_label = {r.label: r.median_age_s for r in rows}
-    assert all(by_label[k] == pytest.approx(v) for k, v in one_by_one.items())
-    assert by_label["10.0.0.1"] == pytest.approx(999.0)  # its one entry, born at T0 + 1 s
-    assert by_label["10.0.0.3"] == pytest.approx(1000 - 10)  # entries born at 9, 10 and 11 s
+    assert all(by_label[k] == pytest.approx(v) for k, v in one_pass.items())
+    assert many[3].median_age_s == pytest.approx(by_label[many[3].label])
+    assert by_label["10.0.0.1"] == pytest.approx(9999.0)  # its one entry, born at T0 + 1 s
+    assert by_label["10.0.0.3"] == pytest.approx(10000 - 10)  # entries born at 9, 10 and 11 s
+    assert one_pass["10.0.0.3"] == pytest.approx(10000 - 10)

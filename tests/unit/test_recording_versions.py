@@ -123,6 +123,20 @@ def test_read_ahead_gives_the_same_batches_and_stops_cleanly(tmp_path):
     assert threading.active_count() == before
 
 
+def test_a_small_first_batch_then_full_ones(tmp_path):
+    # fold_file asks for a small first batch so folding starts sooner: batch 1 holds up
+    # to `first` records (whole 100-record chunks), the others up to max_records.
+    p = str(tmp_path / "first.ctr")
+    _, events = _write(p, 100)
+    for ahead in (False, True):
+        sizes, parts = [], []
+        for b in recording.open_reader(p).batches(450, read_ahead=ahead, first=250):
+            sizes.append(len(b))
+            parts.append(b.copy())
+        assert sizes[0] == 200 and sizes[1:-1] and all(s == 400 for s in sizes[1:-1]) and sizes[-1] <= 400
+        assert Columns.concat(parts).records().tobytes() == events.tobytes()
+
+
 def test_read_ahead_passes_damage_on(tmp_path):
     p = tmp_path / "cut.ctr"
     _, events = _write(str(p), 100, existing=False)
