@@ -262,7 +262,7 @@ class Model:
         self._slots = Columns.zeros(0, LIVE_FIELDS)  # live entries, one per alive slot
         self._alive = np.zeros(0, dtype=bool)
         self._n_alive = 0
-        self._merge_groups = 0  # distinct entries the last merge saw (sizes the next one's Bloom filter)
+        self._ids_per_record = 0.0  # distinct entries per record in the last merge (sizes the next one's Bloom filter)
         self.start_boot_ns = info.start_boot_ns
         self.now_boot_ns = info.start_boot_ns
         self.start_count = 0
@@ -369,15 +369,17 @@ class Model:
         if len(slots) > 4096:
             # Live entries this batch cannot touch stay out of the group-by: those whose
             # id is surely not in the batch and that are not awaiting a tuple match.
-            # Sized for twice the distinct ids of the last batch: records repeat ids, and a
-            # filter that fits in cache is faster (a batch with more only lets more through).
-            expected = min(len(ids), 2 * self._merge_groups) if self._merge_groups else len(ids)
+            # Sized for twice the distinct ids the last batch's share would give this one:
+            # records repeat ids, and a filter that fits in cache is faster (a batch with
+            # more ids only lets more through).
+            expected = min(len(ids), int(2 * self._ids_per_record * len(ids)) + 1) if self._ids_per_record else len(ids)
             near = np.flatnonzero(maybe_in(live_hash, id_hash, expected) | ((self._slots["flags"][slots] & abi.FLAG_DUMP_ID) != 0))
             slots, live_ids, live_hash = slots[near], live_ids[near], live_hash[near]  # (row numbers: a mask is slower)
         n_live = len(slots)
         kind = np.concatenate([np.full(n_live, _LIVE_KIND, np.uint8), stream_kind])
         rep, gid = group_rows([np.concatenate([live_ids, ids])], hashed=np.concatenate([live_hash, id_hash]))
-        m = self._merge_groups = len(rep)
+        m = len(rep)
+        self._ids_per_record = m / len(kind)
         first, last = first_last(gid, m, rep)
         births = (kind == K.NEW) | (kind == K.EXISTING) | (kind == _LIVE_KIND)
         birth_rows = np.flatnonzero(births)
@@ -496,12 +498,7 @@ class Model:
 
     def _free_slots(self, n: int) -> np.ndarray:
         """n unused slot numbers, growing the slot array (doubling) when needed."""
-        if not n:
-            return np.empty(0, dtype=np.int64)
-        # The first unused slots: look in a stretch a few times n long before the whole table.
-        free = np.flatnonzero(~self._alive[: 4 * n])
-        if len(free) < n:
-            free = np.flatnonzero(~self._alive)
+        free = np.flatnonzero(~self._alive)
         if len(free) < n:
             old = len(self._alive)
             size = max(1024, 2 * old, old + n - len(free))

@@ -249,9 +249,10 @@ def test_big_live_table_same_result_whatever_the_batching():
     ev["orig_src"][:, :4] = rng.integers(0, 256, (len(ev), 4))
     ev["l4proto"] = abi.IPPROTO_TCP
     results = []
-    for batch in (len(ev), 5000, 777):
+    for first, batch in ((len(ev), len(ev)), (5000, 5000), (777, 777), (100, 9000)):  # (the last: fold_file's small first batch)
         m = Model(INFO)
-        for lo in range(0, len(ev), batch):
+        m.apply(ev[:first])
+        for lo in range(first, len(ev), batch):
             m.apply(ev[lo : lo + batch])
         s = m.snapshot()
         live = m.live
@@ -259,7 +260,7 @@ def test_big_live_table_same_result_whatever_the_batching():
                         np.bincount(live["ct_state"], minlength=10).tolist()))
     assert results[0][0] == n - k and results[0][1] == n and results[0][3] == {"fin": k}
     assert results[0][5][abi.TcpState.ESTABLISHED] == n - k
-    assert results[1] == results[0] and results[2] == results[0]
+    assert results[1] == results[0] and results[2] == results[0] and results[3] == results[0]
 
 
 def test_median_ages_of_many_rows_come_from_one_sort_and_match_one_pass():
