@@ -81,16 +81,19 @@ class Columns:
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return self.cols[key]
-        cols = {name: take(c, key) for name, c in self.cols.items()}
-        return Columns(cols, len(cols["kind"]))
+        return Columns._of_taken({name: take(c, key) for name, c in self.cols.items()})
 
     def __setitem__(self, name: str, values: Any) -> None:
         self.cols[name][...] = values
 
     def select(self, rows: Any, fields: Iterable[str]) -> "Columns":
         """Records `rows` with only the named fields (gathering fewer columns is cheaper)."""
-        cols = {name: take(self.cols[name], rows) for name in fields}
-        return Columns(cols, len(cols["kind"]))
+        return Columns._of_taken({name: take(self.cols[name], rows) for name in fields})
+
+    @staticmethod
+    def _of_taken(cols: Dict[str, np.ndarray]) -> "Columns":
+        """Columns of the same rows taken from each field (counted from any of them)."""
+        return Columns(cols, len(next(iter(cols.values()))))
 
     def put(self, where: np.ndarray, other: "Columns") -> None:
         """Records `other` written at positions `where`."""

@@ -78,7 +78,7 @@ LIVE_FIELDS = ("ts_boot_ns", "ct_id", "start_boot_ns", "netns_ino", "status_raw"
 EVENT_FIELDS = LIVE_FIELDS + ("reason", "value")
 # What a snapshot reads of the live entries.
 _SNAPSHOT_FIELDS = ("netns_ino", "family", "orig_src", "orig_dst", "orig_dport_be", "l4proto", "ct_state", "status_raw",
-                    "flags", "start_boot_ns", "kind")
+                    "flags", "start_boot_ns")
 _ORPHAN_FIELDS = ("family", "l4proto", "orig_src", "orig_sport_be", "orig_dst", "orig_dport_be", "netns_ino",
                   "start_boot_ns", "flags", "ct_state", "ts_boot_ns")
 
