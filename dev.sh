@@ -8,7 +8,7 @@
 set -eu
 cd "$(dirname "$0")"
 PY=/usr/bin/python3
-RUNTIME_PKGS="python3 python3-click python3-numpy"
+RUNTIME_PKGS="python3 python3-click python3-numpy libdeflate0"
 TEST_PKGS="$RUNTIME_PKGS python3-prometheus-client prometheus python3-pytest python3-hypothesis gcc libc6-dev tmux mmdebstrap qemu-system-x86 qemu-utils e2fsprogs vagrant"
 
 apt_install() {

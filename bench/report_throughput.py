@@ -14,7 +14,6 @@ import struct
 import sys
 import tempfile
 import time
-import zlib
 from collections import defaultdict
 from statistics import median
 from typing import Any, Dict
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ctrace import abi, recording  # noqa: E402
+from ctrace import abi, crc, recording  # noqa: E402
 from ctrace.heap import keep_freed_memory  # noqa: E402
 from ctrace.model import ModelOptions, _R, REMOVAL_REASONS  # noqa: E402
 from ctrace.pipeline import fold_file  # noqa: E402
@@ -71,7 +70,7 @@ def per_event_loop(path: str) -> Dict[str, Any]:
         start = pos + recording.CHUNK_HEAD.size
         payload = memoryview(data)[start : start + plen]
         pos = start + plen
-        if zlib.crc32(payload) != pcrc or ctype not in (recording.T_EVENTS, recording.T_EXISTING):
+        if crc.crc32(payload) != pcrc or ctype not in (recording.T_EVENTS, recording.T_EXISTING):
             continue
         n = plen // abi.EVENT_SIZE  # format 2: each field's n values in turn
 
@@ -117,7 +116,11 @@ def main() -> None:
     ap.add_argument("--file", default=None, help="reuse (or create) this recording")
     ap.add_argument("--only", choices=("vectorised", "loop"), default=None,
                     help="run one side once on --file (for timing whole processes from outside)")
+    ap.add_argument("--crc", choices=("auto", "zlib"), default="auto",
+                    help="zlib: check CRCs with zlib even where libdeflate is installed (both sides)")
     args = ap.parse_args()
+    if args.crc == "zlib":
+        crc.use_zlib()
     if args.only:
         out = (vectorised if args.only == "vectorised" else per_event_loop)(args.file)
         print(args.only, out["events"]["total"] if isinstance(out.get("events"), dict) else out["events"])
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace, path: str) -> None:
     reader = recording.open_reader(path)
     n = len(reader.existing()) + sum(len(b) for b in reader.batches())
     reader.close()
+    print(f"CRC-32 by {crc.implementation()}")
     a_rates, b_rates, ratios = [], [], []
     for i in range(args.pairs):
         t = time.perf_counter()

@@ -5,7 +5,7 @@
     chunk   = type(4) payload_len(u32) payload_crc(u32) head_crc(u32) payload
     EXST/EVNT payloads hold n struct ct_event records stored field by field (version 2:
     each field's n values in turn; version 1, still read: packed records); TRLR's
-    payload is JSON. All integers little-endian; CRCs are CRC-32 (zlib).
+    payload is JSON. All integers little-endian; CRCs are CRC-32 (zlib's; ctrace.crc).
 
 Every chunk is written with one write() call, so a recorder killed at any moment
 leaves every chunk it finished readable.
@@ -19,13 +19,13 @@ import socket
 import stat
 import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ctrace import abi
+from ctrace.crc import crc32
 from ctrace.columns import FIELDS, Columns, field_dtype, field_shape
 from ctrace.files import create_private
 from ctrace.sources.base import SourceInfo
@@ -63,8 +63,8 @@ class NewerRecording(TraceFormatError):
 
 
 def _chunk(ctype: bytes, payload: bytes) -> bytes:
-    head = struct.pack("<4sII", ctype, len(payload), zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    head = struct.pack("<4sII", ctype, len(payload), crc32(payload))
+    return head + struct.pack("<I", crc32(head)) + payload
 
 
 class RecordingWriter:
@@ -92,7 +92,7 @@ class RecordingWriter:
             host=socket.gethostname(),
         )
         blob = json.dumps(header, sort_keys=True).encode()
-        writer._write(PREAMBLE.pack(MAGIC, MAJOR, MINOR, len(blob)) + blob + struct.pack("<I", zlib.crc32(blob)))
+        writer._write(PREAMBLE.pack(MAGIC, MAJOR, MINOR, len(blob)) + blob + struct.pack("<I", crc32(blob)))
         return writer
 
     def _write(self, data: bytes) -> None:
@@ -267,7 +267,7 @@ class Reader:
         if len(blob) < hlen + 4:
             raise TruncatedRecording(f"{path}: truncated inside the file header")
         (crc,) = struct.unpack_from("<I", blob, hlen)
-        if zlib.crc32(blob[:hlen]) != crc:
+        if crc32(blob[:hlen]) != crc:
             raise CorruptRecording(f"{path}: corrupt file header (CRC mismatch)")
         try:
             header = json.loads(blob[:hlen].decode())
@@ -300,7 +300,7 @@ class Reader:
                 self.damage.append(Damage("truncated", at, f"{path}: truncated at byte {self.pos} inside a chunk header"))
                 break
             ctype, plen, pcrc, hcrc = CHUNK_HEAD.unpack(head)
-            if zlib.crc32(head[:12]) != hcrc or plen > MAX_PAYLOAD:
+            if crc32(head[:12]) != hcrc or plen > MAX_PAYLOAD:
                 self.damage.append(Damage("corrupt", at, f"{path}: corrupt chunk header at byte {at}"))
                 break
             chunk = _Head(ctype, plen, pcrc, at)
@@ -331,7 +331,7 @@ class Reader:
         got, crc = 0, 0
         for view in views:
             n = self._read_into(view)
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
             got += n
             if n < len(view):
                 break
@@ -486,7 +486,7 @@ def _read_ahead(batches: Iterator[Columns]) -> Iterator[Columns]:
     """Run a generator of batches that alternates between two buffers in a thread, one
     batch ahead: the thread fills batch i+1 while the caller holds batch i, and starts
     on batch i+2 (reusing batch i's buffer) only once the caller asks for batch i+1.
-    zlib and file reads release the GIL, so reading overlaps the caller's numpy work."""
+    CRC checks and file reads release the GIL, so reading overlaps the caller's numpy work."""
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=1)
     free = threading.Semaphore(2)
     stop = threading.Event()
