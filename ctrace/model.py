@@ -448,7 +448,7 @@ class Model:
         rec["kind"] = K.EXISTING
         self._slots.put(dest, rec)
         self._alive[dest] = True
-        self._n_alive = int(self._alive.sum())
+        self._n_alive = int(np.count_nonzero(self._alive))
 
     def _match_dumped(self, ev: Columns, at: Callable[[np.ndarray], np.ndarray], slots: np.ndarray, kind: np.ndarray, gid: np.ndarray,
                       first: np.ndarray, m: int) -> np.ndarray:
