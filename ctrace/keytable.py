@@ -191,6 +191,8 @@ class Ages:
 
     def of(self, rows: np.ndarray) -> np.ndarray:
         """The median ages of table rows `rows` (distinct)."""
+        if not len(rows):
+            return np.empty(0)
         if self._all is not None or self.entry_group is None or self.age is None or self.row_group is None \
                 or len(rows) > AGES_ONE_PASS:
             return self.all()[rows]
