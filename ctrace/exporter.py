@@ -14,7 +14,6 @@ Two threads share one reference and nothing else:
   `MAX_REQUEST_BYTES`; when `max_connections` are open the oldest is dropped.
 """
 
-import ctypes
 import errno
 import gzip
 import ipaddress
@@ -25,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from ctrace import libc
 from ctrace.status import CtraceError, ExitStatus
 from ctrace.views.export import COUNTER, Family
 
@@ -310,10 +310,9 @@ class MetricsServer:
 def _name_os_thread(name: str) -> None:
     """Name the calling thread for the kernel too (Python before 3.14 names it only for
     itself), so an operator can tell the server thread from the consumer."""
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl = libc.function("prctl")
+    if prctl is not None:
+        prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def server_families(server: MetricsServer) -> List[Family]:

@@ -7,8 +7,7 @@ tenth less time (docs/PERFORMANCE.md). The cost: up to 512 MiB of freed memory s
 with the process until it exits, which suits a command that folds a file and ends.
 """
 
-import ctypes
-import ctypes.util
+from ctrace import libc
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -17,8 +16,7 @@ _M_MMAP_THRESHOLD = -3
 def keep_freed_memory() -> bool:
     """Ask glibc to serve allocations up to 256 MiB from the heap and to keep up to 512 MiB
     of freed memory. True if it agreed; with another C library nothing changes."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = libc.function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 256 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 512 << 20))
