@@ -14,7 +14,7 @@ from ctrace.exporter import DEFAULT_PORT, OUTCOMES, MetricsServer, Publisher, is
 from ctrace.feeds import Feed, LiveFeed, ReplayFeed
 from ctrace.pipeline import damage_status, open_recording, warn_damage
 from ctrace.status import CtraceError, ExitStatus
-from ctrace.views.export import Family, NetnsSelection, families, netns_ids, series_bound
+from ctrace.views.export import Family, NetnsSelection, families, netns_ids, series_bound, skipped_runs_family
 
 NS = 1_000_000_000
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -113,16 +113,21 @@ def command(env: Environment, listen: str, top_k: int, max_netns: int, interval:
 
         def make() -> List[Family]:
             snap = feed.snapshot()
-            return families(snap, top_k, selection.update(*netns_ids(snap)), window=window)
+            fams = families(snap, top_k, selection.update(*netns_ids(snap)), window=window)
+            if src is not None:
+                fams.append(skipped_runs_family(src.prog_skips()))
+            return fams
 
         pub = Publisher(server, make)
         pub.refresh()
         server.start()
         if not is_loopback(server.address[0]):
             env.warn(f"serving on {server.address[0]}, not loopback: anyone who can reach it can read the metrics")
+        # at most: the snapshot's families, the server's own counts, one skip count per program
+        bound = series_bound(top_k, max_netns) + len(OUTCOMES) + (len(src.prog_skips()) if src is not None else 0)
         what = f"recording {replay_file}" if replay_file else \
             f"{sum(1 for p in src.plan.probes if p.attached)} probes attached"
-        env.error(f"serving {server.url} ({what}; at most {series_bound(top_k, max_netns) + len(OUTCOMES)} series)")
+        env.error(f"serving {server.url} ({what}; at most {bound} series)")
         if ready_file:
             _write_ready(ready_file, server.url)
         started = last_pub = last_pump = time.monotonic()

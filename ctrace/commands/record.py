@@ -80,13 +80,13 @@ def command(env: Environment, output: str, duration: Optional[float], ready_file
             if deadline is not None and time.monotonic() >= deadline:
                 stop_reason.setdefault("duration", duration)
                 src.stop()
-        lost = src.lost_counts()
+        lost, skips = src.streamed_losses()
         produced = src.produced_counts()
         trailer = {
             "stopped_by": stop_reason or {"end": "source ended"},
             "lost_bpf": {abi.LostCause(c).name.lower(): v for c, v in lost.items()},
             "produced": {abi.Kind(k).name.lower(): v for k, v in produced.items() if v},
-            "skipped_runs": src.prog_skips(),
+            "skipped_runs": skips,
         }
         writer.close(end_boot_ns=boot_ns(), extra=trailer)
         total_lost = sum(lost.values())

@@ -248,6 +248,7 @@ class LiveSource(Source):
         self._chunks: List[bytes] = []
         self._pending = abi.empty(0)
         self._lost_seen = [0] * 8
+        self._skips_seen: Dict[str, Optional[int]] = {}
         self._last_counter = 0.0
         self._existing = abi.empty(0)
         self.orphans_withdrawn = 0
@@ -459,16 +460,25 @@ class LiveSource(Source):
         funcs = self._b.funcs if self._b is not None else {}
         return {(k.decode() if isinstance(k, bytes) else str(k)): fn.fd for k, fn in funcs.items()}
 
-    def _lost_totals(self) -> List[int]:
+    def _lost_totals(self) -> Tuple[List[int], Dict[str, Optional[int]]]:
         """Lost records by cause, index = ct_lost_cause: the BPF side's counters plus the
-        program runs the kernel skipped (each may have lost one record)."""
+        program runs the kernel skipped (each may have lost one record); and those skips
+        per program, read together."""
         vals = self.per_cpu_sum("lost", 8)
-        vals[abi.LostCause.PROBE_SKIPPED] = sum(v or 0 for v in self.prog_skips().values())
-        return vals
+        skips = self.prog_skips()
+        vals[abi.LostCause.PROBE_SKIPPED] = sum(v or 0 for v in skips.values())
+        return vals, skips
 
     def lost_counts(self) -> Dict[int, int]:
-        vals = self._lost_totals()
+        """Lost records by cause, now."""
+        vals = self._lost_totals()[0]
         return {int(c): vals[int(c)] for c in abi.LostCause}
+
+    def streamed_losses(self) -> Tuple[Dict[int, int], Dict[str, Optional[int]]]:
+        """Lost records by cause and skipped runs per program as of the last poll: what the
+        LOST records streamed so far add up to (a recording's trailer states these, not
+        losses of events after its last batch, which it never held)."""
+        return {int(c): self._lost_seen[int(c)] for c in abi.LostCause}, dict(self._skips_seen)
 
     def produced_counts(self) -> Dict[int, int]:
         vals = self.per_cpu_sum("produced", 16)
@@ -479,7 +489,7 @@ class LiveSource(Source):
         return {"closed": v[0], "entry_found": v[1], "established": v[2]}
 
     def _lost_records(self, ts: int) -> np.ndarray:
-        vals = self._lost_totals()
+        vals, self._skips_seen = self._lost_totals()
         out = []
         for cause in abi.LostCause:
             d = vals[cause] - self._lost_seen[cause]

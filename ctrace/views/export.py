@@ -14,7 +14,7 @@ top K changes (a counter summed into `other` would go down when a key leaves it)
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -231,8 +231,18 @@ def netns_ids(s: Snapshot) -> Tuple[np.ndarray, np.ndarray]:
     return (t.words[0] & np.uint64(0xFFFFFFFF)).astype(np.int64), np.asarray(t.live, np.int64)
 
 
+def skipped_runs_family(skips: Mapping[str, Optional[int]]) -> Family:
+    """Live only: runs of each loaded BPF program the kernel skipped (its recursion_misses),
+    one series per program whose kernel counts them (None: no series, never a made-up 0).
+    Their sum is ctrace_events_lost_total{cause="probe_skipped"}; which program says which
+    counts a loss touches (docs/PROBES.md)."""
+    return Family("ctrace_probe_skipped_runs_total", COUNTER,
+                  "Runs of each BPF program the kernel skipped; each may have lost one event.", ("program",),
+                  tuple(((name,), float(n)) for name, n in sorted(skips.items()) if n is not None))
+
+
 def series_count(fams: Sequence[Family]) -> int:
     return sum(len(f.samples) for f in fams)
 
 
-__all__ = ["Family", "NetnsSelection", "families", "series_bound", "series_count", "netns_ids"]
+__all__ = ["Family", "NetnsSelection", "families", "series_bound", "series_count", "netns_ids", "skipped_runs_family"]

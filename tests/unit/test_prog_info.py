@@ -65,3 +65,9 @@ def test_growth_of_skipped_runs_becomes_lost_records():
     src.skips["confirm_e"] = 4
     assert [(int(r["reason"]), int(r["value"])) for r in src._lost_records(3)] == [(abi.LostCause.PROBE_SKIPPED, 1)]
     assert src.lost_counts()[abi.LostCause.PROBE_SKIPPED] == 4
+    # Skips after the last poll: counted now, but not in what was streamed (a trailer's figures)
+    src.skips["confirm_e"] = 6
+    lost, skips = src.streamed_losses()
+    assert lost[abi.LostCause.PROBE_SKIPPED] == 4 and lost[abi.LostCause.RINGBUF_FULL] == 2
+    assert skips == {"confirm_e": 4, "confirm_x": None}
+    assert src.lost_counts()[abi.LostCause.PROBE_SKIPPED] == 6

@@ -29,6 +29,15 @@ from ctrace.recording import read
 pytest.importorskip("prometheus_client")
 
 SOCKET_PROGRAMS = {"sock_state_rtp", "tcp_set_state_e"}  # raw tracepoint, or its kprobe fallback
+
+
+def counts_entries(program: str) -> bool:
+    """Whether runs of `program` make the counts compared here (inserts, live entries,
+    removals by reason): all but the socket programs (orphan checks: none arise here)
+    and the conntrack TCP-state ones (STATE records: a removal's reason comes from the
+    state its own record carries)."""
+    return program not in SOCKET_PROGRAMS and program not in ("tcp_e", "tcp_x") \
+        and not program.endswith("__nf_conntrack_tcp_packet")
 LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -227,7 +236,9 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
                      "lost_by_cause": {dict(lb)["cause"]: v for (n, lb), v in final.items()
                                        if n == "ctrace_events_lost_total" and v},
                      "requests": {dict(lb)["outcome"]: v for (n, lb), v in final.items()
-                                  if n == "ctrace_exporter_requests_total"}},
+                                  if n == "ctrace_exporter_requests_total"},
+                     "skipped_runs": {dict(lb)["program"]: v for (n, lb), v in final.items()
+                                      if n == "ctrace_probe_skipped_runs_total" and v}},
         "recording": {"entries": row["live"], "inserts": row["created"], "removals": row["removals"],
                       "lost": rep["events"]["lost"], "lost_by_cause": rep["events"]["lost_by_cause"],
                       "skipped_runs": {k: v for k, v in read(str(rec_path)).trailer["skipped_runs"].items() if v}},
@@ -239,24 +250,37 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
         "guest_stalls_s": [round(b - a, 3) for a, b in stalls],
         "tcp_counters": {k: tcp_after[k] - tcp_before.get(k, 0) for k in tcp_after},
     }
+    rec_skips, exp_skips = summary["recording"]["skipped_runs"], summary["exporter"]["skipped_runs"]
+    # Each skipped run of a program that makes the compared counts may have taken one
+    # event from that process's counts: they agree exactly when there was none (the usual
+    # case), and within that many when there were.
+    rec_slack = sum(v for p, v in rec_skips.items() if counts_entries(p))
+    slack = rec_slack + sum(v for p, v in exp_skips.items() if counts_entries(p))
+    summary["slack"] = slack
     with open(os.path.join(lab_out, "export-live.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary))
-    # 3 rounds of 10 FIN + 5 RST + 4 held connections, a flush, 4 more held
-    assert row["created"] >= 61 and row["live"] == 4 and row["removals"].get("delete", 0) >= 40
-    assert get(final, "ctrace_netns_inserts_total", netns=ino) == row["created"]
-    assert get(final, "ctrace_netns_entries", netns=ino) == row["live"]
-    for reason in ("fin", "rst", "delete", "timeout", "timeout-established", "unknown"):
-        assert get(final, "ctrace_netns_removals_total", netns=ino, reason=reason) == row["removals"].get(reason, 0)
-    assert get(final, "ctrace_netns_orphans_total", netns=ino) == row["orphans"]
     # Nothing lost to ctrace's own limits (ring, maps, consumer). The one loss allowed is
-    # the kernel skipping runs of the socket-state program, and only that program: 7.2
-    # does so under this loopback load (51 of its runs in each process, docs/KERNELS.md),
-    # counted as probe_skipped. A skipped insert or removal program would make the exact
-    # comparisons above meaningless, so it fails here.
+    # the kernel skipping program runs, counted per program (recording: its trailer;
+    # exporter: ctrace_probe_skipped_runs_total, as of a publication no older than its
+    # loss counts) and summed into probe_skipped. 7.2 skips under this loopback load, its
+    # tracing programs being preemptible (docs/KERNELS.md): in each process, dozens of runs
+    # of the socket-state program and now and then one of another program.
     assert set(summary["exporter"]["lost_by_cause"]) <= {"probe_skipped"}, summary["exporter"]
     assert set(rep["events"]["lost_by_cause"]) <= {"probe_skipped"}, rep["events"]
-    assert set(summary["recording"]["skipped_runs"]) <= SOCKET_PROGRAMS, summary["recording"]
+    assert sum(rec_skips.values()) == rep["events"]["lost_by_cause"].get("probe_skipped", 0), summary["recording"]
+    assert sum(exp_skips.values()) >= summary["exporter"]["lost_by_cause"].get("probe_skipped", 0), summary["exporter"]
+    # 3 rounds of 10 FIN + 5 RST + 4 held connections, a flush, 4 more held
+    assert row["created"] >= 61 - rec_slack and abs(row["live"] - 4) <= rec_slack, summary
+    assert row["removals"].get("delete", 0) >= 40 - rec_slack, summary
+    assert abs(get(final, "ctrace_netns_inserts_total", netns=ino) - row["created"]) <= slack, summary
+    assert abs(get(final, "ctrace_netns_entries", netns=ino) - row["live"]) <= slack, summary
+    for reason in ("fin", "rst", "delete", "timeout", "timeout-established", "unknown"):
+        assert abs(get(final, "ctrace_netns_removals_total", netns=ino, reason=reason)
+                   - row["removals"].get(reason, 0)) <= slack, (reason, summary)
+    # No connection here ends without FIN or RST before the end: no orphan in either (a
+    # skipped socket run could only hide one).
+    assert get(final, "ctrace_netns_orphans_total", netns=ino) == row["orphans"] == 0, summary
     req = summary["exporter"]["requests"]
     # (the exporter's own counts are as of the publication before the last scrape)
     assert req["ok"] >= 5 and req["too_large"] > 0 and req["bad_request"] > 0, req

@@ -12,7 +12,9 @@ from ctrace.model import REMOVAL_REASONS, Model, ModelOptions
 from ctrace.pipeline import fold_file, open_recording
 from ctrace.sources.base import SourceInfo
 from ctrace.views import export
-from ctrace.views.export import COUNTER, NetnsSelection, families, netns_ids, series_bound, series_count
+from ctrace.exporter import render
+from ctrace.views.export import (COUNTER, NetnsSelection, families, netns_ids, series_bound, series_count,
+                                  skipped_runs_family)
 from tests.unit.conftest import run_cli
 
 NS = 1_000_000_000
@@ -146,3 +148,13 @@ def test_a_million_source_ips_stay_under_the_bound():
 
 def test_bound_formula_matches_the_docs():
     assert series_bound(20, 128) == export._global_series() + 129 * (7 + len(REMOVAL_REASONS)) + 2 * 21 * 4
+
+
+def test_skipped_runs_family_has_a_series_only_where_the_kernel_counts():
+    fam = skipped_runs_family({"sock_state_rtp": 36, "kfunc__nf_conntrack__nf_ct_destroy": 0, "tcp_e": None})
+    assert (fam.name, fam.kind, fam.labels) == ("ctrace_probe_skipped_runs_total", COUNTER, ("program",))
+    assert fam.samples == ((("kfunc__nf_conntrack__nf_ct_destroy",), 0.0), (("sock_state_rtp",), 36.0))
+    text = render([fam]).decode()
+    assert 'ctrace_probe_skipped_runs_total{program="sock_state_rtp"} 36.0' in text
+    assert "tcp_e" not in text
+    assert skipped_runs_family({}).samples == ()
