@@ -11,10 +11,8 @@
  *   CT_FENTRY                   also build the fentry/fexit variants (bcc
  *                               MODULE_KFUNC_PROBE), see the end of this file
  *
- * Entry/return pairs (kprobe+kretprobe) hand arguments to the return probe
- * through a small per-CPU stack per function: these functions never sleep and
- * run with bottom halves or preemption effectively off, so a softirq nesting
- * on the same CPU pushes and pops above its interrupted caller.
+ * Entry/return pairs hand what the entry saw to the return through a small
+ * stack per task and function (the stash, below).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/skbuff.h>
@@ -162,44 +160,63 @@ BPF_HASH(ipstats, struct ct_ipkey, struct ct_ipval, CT_IP_ENTRIES);
 BPF_PERCPU_ARRAY(cpu_reason, u32, 1);
 BPF_HASH(task_reason, u64, u32, 1024);
 
-/* Entry arguments for return probes. */
+/* What an entry program hands its return program (the stash). Keyed by task
+ * (its task_struct: each CPU's idle task has its own) and function, not by
+ * CPU: on a preemptible kernel (CONFIG_PREEMPT, PREEMPT_LAZY: Debian's 7.2) a
+ * task can be preempted, or moved to another CPU, between a function's entry
+ * and its return. A softirq nesting in a task pushes and pops above it. The
+ * slots are a ring: a push whose return program never ran (a run the kernel
+ * skipped, counted) is overwritten in time and never breaks the pairs after
+ * it; LRU ages out such leftovers of tasks that exit. */
 #define ST_CONFIRM 0
 #define ST_TCP 1
 #define ST_ALLOC 2
-#define ST_N 3
 #define ST_DEPTH 4
+#ifndef CT_STASH_ENTRIES
+#define CT_STASH_ENTRIES 8192
+#endif
+struct ct_stash_key {
+	u64 task;
+	u32 fn;
+	u32 _pad;
+};
 struct ct_stash {
 	u32 depth;
 	u32 _pad;
 	u64 a[ST_DEPTH];
 	u64 b[ST_DEPTH];
 };
-BPF_PERCPU_ARRAY(stash, struct ct_stash, ST_N);
+BPF_TABLE("lru_hash", struct ct_stash_key, struct ct_stash, stash, CT_STASH_ENTRIES);
 
 static __always_inline void stash_push(u32 fn, u64 a, u64 b)
 {
-	struct ct_stash *s = stash.lookup(&fn);
-	if (!s)
+	struct ct_stash_key k = {.task = bpf_get_current_task(), .fn = fn};
+	struct ct_stash zero = {};
+	struct ct_stash *s = stash.lookup_or_try_init(&k, &zero);
+	if (!s) {
+		lost_inc(CT_LOST_MAP_FULL);
 		return;
-	u32 d = s->depth;
-	if (d < ST_DEPTH) {
-		s->a[d & (ST_DEPTH - 1)] = a;
-		s->b[d & (ST_DEPTH - 1)] = b;
 	}
+	/* Claim the slot before filling it: a push nesting here takes the next. */
+	u32 d = s->depth;
 	s->depth = d + 1;
+	s->a[d & (ST_DEPTH - 1)] = a;
+	s->b[d & (ST_DEPTH - 1)] = b;
 }
 
 static __always_inline int stash_pop(u32 fn, u64 *a, u64 *b)
 {
-	struct ct_stash *s = stash.lookup(&fn);
+	struct ct_stash_key k = {.task = bpf_get_current_task(), .fn = fn};
+	struct ct_stash *s = stash.lookup(&k);
 	if (!s || s->depth == 0)
 		return 0;
+	/* Read the slot before releasing it. */
 	u32 d = s->depth - 1;
-	s->depth = d;
-	if (d >= ST_DEPTH)
-		return 0;
 	*a = s->a[d & (ST_DEPTH - 1)];
 	*b = s->b[d & (ST_DEPTH - 1)];
+	s->depth = d;
+	if (d == 0)
+		stash.delete(&k);
 	return 1;
 }
 

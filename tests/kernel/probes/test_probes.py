@@ -641,3 +641,101 @@ def test_churn_rates(live, lab_out: str) -> None:  # type: ignore[no-untyped-def
     assert final.inserts == final.removals_total == n
     assert final.removals == {"timeout": n}
     assert final.count == 0
+
+
+# A connect loop: each connection closed by an RST right after connect (no TIME_WAIT,
+# so source ports never run out); runs in the client netns for argv[3] seconds.
+_CONNECT_LOOP = r"""
+import socket, struct, sys, time
+src, dst, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+end, n = time.monotonic() + secs, 0
+while time.monotonic() < end:
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.settimeout(5)
+    c.bind((src, 0))
+    try:
+        c.connect((dst, port))
+        n += 1
+    except OSError:
+        pass
+    c.close()
+print(n)
+"""
+_ACCEPT_LOOP = r"""
+import socket, sys, time
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2])))
+ls.listen(4096)
+ls.settimeout(0.5)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        ls.accept()[0].close()
+    except socket.timeout:
+        pass
+"""
+STRESS_S = 30
+PAIRED = ("confirm", "tcp_state")  # probes whose return half needs what the entry half saw
+
+
+def test_pairs_survive_preemption(live, lab_out: str) -> None:  # type: ignore[no-untyped-def]
+    """Busy CPUs: 2 spinning processes and 4 connect loops (conntrack on in both
+    namespaces, so inserts also happen in process context) for 30 s. On a preemptible
+    kernel (7.2: PREEMPT_LAZY) a task can be preempted, or moved to another CPU,
+    between a conntrack function's entry and its return, and the kernel skips program
+    runs. Afterwards, on a quiet machine, 40 connections must each come back as one NEW
+    and a STATE to ESTABLISHED, less only what the kernel is counted to have skipped
+    meanwhile: what the entry half handed the return half under stress must not
+    break the pairs after it. (Before this test, a per-CPU stack did: on 7.2 with two
+    vCPUs it was left 64 to 137 deep, and from then on no insert was reported.)"""
+    from lab_toolkit import NFT_TRACK, PATH, nft_apply
+
+    src, col, ctx = live
+    env = dict(os.environ, PATH=PATH)
+    with Topology.create() as topo:
+        nft_apply(topo.client_ns, NFT_TRACK)
+        server = subprocess.Popen(["ip", "netns", "exec", topo.server_ns, sys.executable, "-c", _ACCEPT_LOOP,
+                                   topo.server_v4, "9100", str(STRESS_S + 10)], stdout=subprocess.PIPE, text=True,
+                                  env=env)
+        assert server.stdout.readline().strip() == "ready"
+        spin = "import time\nt = time.monotonic() + %d\nwhile time.monotonic() < t: pass" % STRESS_S
+        hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+        loops = [subprocess.Popen(["ip", "netns", "exec", topo.client_ns, sys.executable, "-c", _CONNECT_LOOP,
+                                   topo.client_v4[i % len(topo.client_v4)], topo.server_v4, "9100", str(STRESS_S)],
+                                  stdout=subprocess.PIPE, text=True, env=env) for i in range(4)]
+        stressed = sum(int(p.communicate(timeout=STRESS_S + 120)[0].strip() or 0) for p in loops)
+        for p in hogs:
+            p.wait(timeout=60)
+        server.kill()
+        server.wait()
+        time.sleep(1)
+        skips_during = {k: v for k, v in src.prog_skips().items() if v}
+        ino = ns_inode(topo.server_ns)
+        skips0 = src.prog_skips()
+        t0 = col.mark()
+        quiet = topo.tcp_server(port=9200)
+        conns = topo.connect(topo.client_v4[0], 40, quiet)
+        try:
+            col.wait(lambda: len(col.select(ino, abi.Kind.NEW, since=t0)) >= 40, 20, "NEW events")
+        except AssertionError:
+            pass  # judged below, with the skips
+        time.sleep(1)
+        ev = col.select(ino, None, since=t0)
+        skipped = {k: (v or 0) - (skips0.get(k) or 0) for k, v in src.prog_skips().items()}
+    new = ev[ev["kind"] == abi.Kind.NEW]
+    est = ev[(ev["kind"] == abi.Kind.STATE) & (ev["ct_state"] == abi.TcpState.ESTABLISHED)]
+    progs = {p.name: (p.entry, p.ret) for p in src.plan.probes if p.name in PAIRED}
+    slack = {name: sum(skipped.get(prog, 0) for prog in programs) for name, programs in progs.items()}
+    summary = {"stress_connects": stressed, "skipped_under_stress": skips_during, "quiet_new": len(new),
+               "quiet_established": len(set(est["ct_id"].tolist())), "skipped_when_quiet": slack}
+    with open(os.path.join(lab_out, "preemption.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    assert stressed > 0, summary
+    want = sorted(c.tuple for c in conns)
+    got = sorted(tuple_of(r) for r in new)
+    assert set(got) <= set(want) and len(got) == len(set(got)), summary
+    assert len(got) >= len(want) - slack["confirm"], summary
+    assert len(set(est["ct_id"].tolist()) & set(new["ct_id"].tolist())) >= len(got) - slack["tcp_state"], summary
