@@ -527,3 +527,75 @@ def test_cli_probes_shows_method_and_unmet_fentry(monkeypatch, cli):
     status, out, _ = cli(["probes", "--json", "--attach-method", "kprobe"])
     assert status == 0 and '"method": "kprobe"' in out and "fentry+fexit" not in out
     assert plan612.fentry
+
+
+# ---------------------------------------------------------------- preemption
+
+# The Kconfig lines that matter, as Debian's 6.12 and 7.2 kernels have them
+CONFIG_612 = "CONFIG_PREEMPT_BUILD=y\nCONFIG_PREEMPT_VOLUNTARY=y\n# CONFIG_PREEMPT is not set\n" \
+             "CONFIG_PREEMPTION=y\nCONFIG_PREEMPT_DYNAMIC=y\n"
+CONFIG_72 = "CONFIG_PREEMPT_BUILD=y\nCONFIG_ARCH_HAS_PREEMPT_LAZY=y\n# CONFIG_PREEMPT is not set\n" \
+            "CONFIG_PREEMPT_LAZY=y\n# CONFIG_PREEMPT_RT is not set\nCONFIG_PREEMPTION=y\nCONFIG_PREEMPT_DYNAMIC=y\n"
+
+
+@pytest.mark.parametrize("config, model", [
+    (CONFIG_612, "voluntary"), (CONFIG_72, "lazy"), ("CONFIG_PREEMPT=y\n", "full"),
+    ("CONFIG_PREEMPT_RT=y\nCONFIG_PREEMPT_LAZY=y\n", "rt"), ("CONFIG_PREEMPT_NONE=y\n", "none"),
+    ("CONFIG_PREEMPT_COUNT=y\n", ""),
+])
+def test_preemption_model_from_the_config(config, model):
+    assert kernel.parse_preempt_config(config) == model
+
+
+def preempt_tree(tmp_path, config=None, gz=None, cmdline="", debugfs=None):
+    import gzip
+
+    (tmp_path / "proc").mkdir(exist_ok=True)
+    (tmp_path / "proc/cmdline").write_text(cmdline + "\n")
+    if config is not None:
+        (tmp_path / "boot").mkdir(exist_ok=True)
+        (tmp_path / "boot/config-7.2.0-test").write_text(config)
+    if gz is not None:
+        with gzip.open(tmp_path / "proc/config.gz", "wt") as f:
+            f.write(gz)
+    if debugfs is not None:
+        (tmp_path / "sys/kernel/debug/sched").mkdir(parents=True)
+        (tmp_path / "sys/kernel/debug/sched/preempt").write_text(debugfs)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("tree, want", [
+    (dict(config=CONFIG_72), ("lazy", "/boot/config-7.2.0-test")),
+    (dict(config=CONFIG_612), ("voluntary", "/boot/config-7.2.0-test")),
+    (dict(gz=CONFIG_72), ("lazy", "/proc/config.gz")),
+    # the scheduler's own answer wins over everything
+    (dict(config=CONFIG_72, cmdline="preempt=full", debugfs="none voluntary full (lazy) \n"),
+     ("lazy", "/sys/kernel/debug/sched/preempt")),
+    # preempt= switches a kernel that can switch, and only such a kernel
+    (dict(config=CONFIG_612, cmdline="quiet preempt=full"), ("full", "preempt= on the kernel command line")),
+    (dict(config="CONFIG_PREEMPT_VOLUNTARY=y\n", cmdline="preempt=full"), ("voluntary", "/boot/config-7.2.0-test")),
+    (dict(), ("", "no kernel config or debugfs sched/preempt to read it from")),
+])
+def test_preemption_model_read_in_order(tmp_path, tree, want):
+    assert kernel.read_preemption(preempt_tree(tmp_path, **tree), "7.2.0-test") == want
+
+
+def test_preemptible_kernel_plan_prefers_kprobes():
+    """Where a task can be preempted inside a BPF program (7.2: lazy), the default plan
+    takes kprobes, whose programs run with preemption off: preempted fentry programs
+    made the kernel skip 0.2-2 % of their runs under load in the lab (docs/KERNELS.md)."""
+    lazy = dataclasses.replace(K612, preempt="lazy", preempt_source="/boot/config-7.2")
+    plan = plan_from(lazy)
+    for name in ("confirm", "delete", "destroy", "alloc", "early_drop", "ctnetlink", "netns", "tcp_state"):
+        p = plan.probe(name)
+        assert p.method in (KPROBE, KPROBE_KRETPROBE), p
+        assert "this kernel preempts (lazy, from /boot/config-7.2)" in p.why, p.why
+    assert not plan.fentry and plan.probe("sock").method == RAW_TRACEPOINT
+    assert any("lazy" in n for n in plan.notes), plan.notes
+    # asked for, fentry is still used; not preemptible, auto keeps fentry
+    assert plan_from(lazy, "fentry").probe("confirm").method == FENTRY_FEXIT
+    for model in ("voluntary", "none", ""):
+        assert plan_from(dataclasses.replace(K612, preempt=model)).probe("confirm").method == FENTRY_FEXIT
+    # without kprobes, fentry it is
+    nokp = dataclasses.replace(lazy, kallsyms={k: v for k, v in lazy.kallsyms.items() if k != "register_kprobe"})
+    assert plan_from(nokp).probe("confirm").method == FENTRY_FEXIT
