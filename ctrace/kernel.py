@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
@@ -590,7 +591,7 @@ def _read_gz(path: str) -> Optional[str]:
     try:
         with gzip.open(path, "rt", errors="replace") as f:
             return f.read()
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):  # unreadable, truncated, or not gzip
         return None
 
 
