@@ -18,7 +18,6 @@ import mmap
 import os
 import re
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
@@ -591,7 +590,7 @@ def _read_gz(path: str) -> Optional[str]:
     try:
         with gzip.open(path, "rt", errors="replace") as f:
             return f.read()
-    except (OSError, EOFError, zlib.error):  # unreadable, truncated, or not gzip
+    except (OSError, EOFError):
         return None
 
 
