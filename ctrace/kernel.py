@@ -13,7 +13,6 @@ feed it fake listings. `ctrace probes` prints the plan; live.py attaches it.
 """
 
 import dataclasses
-import gzip
 import mmap
 import os
 import re
@@ -34,14 +33,6 @@ METHOD_AUTO = "auto"
 METHOD_KPROBE = "kprobe"
 METHOD_FENTRY = "fentry"
 METHODS = (METHOD_AUTO, METHOD_KPROBE, METHOD_FENTRY)
-
-# Preemption models under which a task can be preempted anywhere in kernel code that
-# has not disabled preemption, BPF tracing programs included (they run with only
-# migration disabled); "none" and "voluntary" preempt only at explicit points.
-PREEMPTIBLE_MODELS = ("full", "lazy", "rt")
-# The Kconfig choice of the default model, most specific first.
-_PREEMPT_CONFIG = (("CONFIG_PREEMPT_RT", "rt"), ("CONFIG_PREEMPT_LAZY", "lazy"), ("CONFIG_PREEMPT", "full"),
-                   ("CONFIG_PREEMPT_VOLUNTARY", "voluntary"), ("CONFIG_PREEMPT_NONE", "none"))
 
 # Suffixes gcc gives out-of-line copies of static functions whose ABI it did
 # not change in a way that matters to a probe that reads no argument.
@@ -66,15 +57,6 @@ class KernelFacts:
     # Can the BPF loader (bcc) attach fentry/fexit to a module function?
     loader_module_kfunc: bool = False
     loader_why: str = "BPF loader not examined"  # why not, when it cannot
-    # The preemption model in effect (none, voluntary, full, lazy, rt; "" = unknown) and
-    # where it was read (see read_preemption)
-    preempt: str = ""
-    preempt_source: str = ""
-
-    @property
-    def preemptible(self) -> bool:
-        """Can a task be preempted in kernel code that has not disabled preemption?"""
-        return self.preempt in PREEMPTIBLE_MODELS
 
 
 @dataclass(frozen=True)
@@ -212,12 +194,6 @@ def fentry_programs(function: str) -> Tuple[str, str]:
     return f"kfunc__{mod}__{function}", f"kretfunc__{mod}__{function}"
 
 
-def _kprobes_when_preemptible(facts: KernelFacts) -> str:
-    return (f"kprobes: this kernel preempts ({facts.preempt}, from {facts.preempt_source}), and a preempted "
-            f"fentry program makes the kernel skip that program's runs on its CPU meanwhile; kprobe programs "
-            f"run with preemption off (--attach-method fentry to use fentry anyway)")
-
-
 def _why_not_fentry(facts: KernelFacts, cand: str, sym: str) -> str:
     """Why fentry/fexit cannot be used for `cand` (attachable as `sym`); "" = it can."""
     if sym != cand:
@@ -270,9 +246,6 @@ def _function_probe(facts: KernelFacts, name: str, candidates: Iterable[str], en
             if not kprobes:
                 break
             return Probe(name, sym, kmethod, "; ".join(reasons + ["kprobe requested (--attach-method kprobe)"]),
-                         entry, ret, required)
-        if method == METHOD_AUTO and kprobes and facts.preemptible:
-            return Probe(name, sym, kmethod, "; ".join(reasons + [_kprobes_when_preemptible(facts)]),
                          entry, ret, required)
         nof = _why_not_fentry(facts, cand, sym)
         kp: Optional[Probe] = None
@@ -364,8 +337,6 @@ def plan_from(facts: KernelFacts, method: str = METHOD_AUTO) -> ProbePlan:
         notes.append("no bpf_jiffies64: timeout_s unknown, removals not classed by expiry")
     if method != METHOD_AUTO:
         notes.append(f"attach method {method} requested")
-    elif facts.preemptible and "register_kprobe" in facts.kallsyms:
-        notes.append(f"preemption model {facts.preempt} ({facts.preempt_source}): kprobes rather than fentry")
     return ProbePlan(facts.release, tuple(probes), ringbuf, boot_ns, jiffies64, tuple(notes), method)
 
 
@@ -559,41 +530,6 @@ def _owners(kallsyms: Mapping[str, str]) -> FrozenSet[str]:
     return frozenset(kallsyms[f] for f in _FENTRY_VARIANTS if kallsyms.get(f))
 
 
-def parse_preempt_config(config: str) -> str:
-    """The default preemption model chosen in a kernel config ("" if none is set)."""
-    for opt, model in _PREEMPT_CONFIG:
-        if re.search(rf"^{opt}=y$", config, re.M):
-            return model
-    return ""
-
-
-def read_preemption(root: str, release: str) -> Tuple[str, str]:
-    """(model, where it was read). The scheduler's own answer when debugfs is mounted;
-    else the kernel config's default, which preempt= on the command line overrides
-    when the kernel can switch (CONFIG_PREEMPT_DYNAMIC)."""
-    dbg = _read(os.path.join(root, "sys/kernel/debug/sched/preempt"))
-    m = re.search(r"\((\w+)\)", dbg or "")
-    if m:
-        return m.group(1), "/sys/kernel/debug/sched/preempt"
-    config, where = _read(os.path.join(root, f"boot/config-{release}")), f"/boot/config-{release}"
-    if config is None:
-        config, where = _read_gz(os.path.join(root, "proc/config.gz")), "/proc/config.gz"
-    if config is None:
-        return "", "no kernel config or debugfs sched/preempt to read it from"
-    cmd = re.search(r"(?:^|\s)preempt=(\w+)", _read(os.path.join(root, "proc/cmdline")) or "")
-    if cmd and re.search(r"^CONFIG_PREEMPT_DYNAMIC=y$", config, re.M):
-        return cmd.group(1), "preempt= on the kernel command line"
-    return parse_preempt_config(config), where
-
-
-def _read_gz(path: str) -> Optional[str]:
-    try:
-        with gzip.open(path, "rt", errors="replace") as f:
-            return f.read()
-    except (OSError, EOFError):
-        return None
-
-
 def read_facts(root: str = "/", method: str = METHOD_AUTO,
                loader: Optional[Callable[[], Tuple[bool, str]]] = None) -> KernelFacts:
     """Read the live system (root="/") or a fake tree laid out the same way.
@@ -639,10 +575,8 @@ def read_facts(root: str = "/", method: str = METHOD_AUTO,
                         btf_funcs[m] = btf_functions(f.read(), base)
                 except (OSError, BtfError) as exc:
                     btf_errors[m] = f"cannot read /sys/kernel/btf/{m} ({getattr(exc, 'strerror', None) or exc})"
-    preempt, preempt_source = read_preemption(root, release)
     return KernelFacts(release, kallsyms, filter_functions, ff_text is not None, btf,
-                       frozenset(tracepoints), modules, btf_funcs, btf_errors, loader_ok, loader_why,
-                       preempt, preempt_source)
+                       frozenset(tracepoints), modules, btf_funcs, btf_errors, loader_ok, loader_why)
 
 
 def detect(root: str = "/", method: str = METHOD_AUTO,

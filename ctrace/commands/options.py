@@ -34,6 +34,5 @@ def attach_method_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--attach-method auto|kprobe|fentry (default: $CTRACE_ATTACH_METHOD, else auto)."""
     return click.option("--attach-method", "attach_method", type=click.Choice(ATTACH_METHODS), default=None,
                         help="How to attach the kernel function probes: fentry/fexit where BTF and the loader "
-                             "allow and the kernel is not preemptible, else kprobes (auto); kprobes only; "
-                             "or fentry/fexit or fail. "
+                             "allow, else kprobes (auto); kprobes only; or fentry/fexit or fail. "
                              "[default: $CTRACE_ATTACH_METHOD, else auto]")(fn)

@@ -221,12 +221,10 @@ def test_plan_required_attached(live) -> None:  # type: ignore[no-untyped-def]
         assert names[n].attached, names[n]
 
 
-# Where fentry/fexit on nf_conntrack is possible, per lab suite, as measured by
-# test_bcc_smoke.py (docs/KERNELS.md): it needs module BTF (5.11+) and a bcc with
-# module kfunc support (not 0.18, not 0.26). The default plan takes it where the
-# kernel is also not preemptible: not on 7.2 (PREEMPT_LAZY), which gets kprobes.
+# What the default plan must be, per lab suite, as measured by test_bcc_smoke.py
+# (docs/KERNELS.md): fentry/fexit on nf_conntrack needs module BTF (5.11+) and
+# a bcc with module kfunc support (not 0.18, not 0.26).
 FENTRY_SUITES = {"trixie": True, "sid": True, "bullseye": False, "bookworm": False}
-PREEMPTIBLE_SUITES = {"sid": "lazy"}
 FUNCTION_PROBES = ("confirm", "delete", "destroy", "alloc", "early_drop", "ctnetlink", "netns", "tcp_state")
 # Why ctrace must say fentry is impossible, per suite
 NO_FENTRY_WHY = {"bullseye": "nf_conntrack is a module without BTF",
@@ -240,17 +238,11 @@ def expected_fentry() -> bool:
     return FENTRY_SUITES[suite]
 
 
-def default_fentry() -> bool:
-    return expected_fentry() and os.environ.get("CTRACE_LAB_SUITE", "") not in PREEMPTIBLE_SUITES
-
-
 def test_attach_method_per_kernel(live) -> None:  # type: ignore[no-untyped-def]
     """The session's LiveSource (default plan) attached fentry/fexit exactly where
-    the kernel and bcc allow it and the kernel is not preemptible, with no
-    fallback, and says why per probe."""
+    the kernel and bcc allow it, with no fallback, and says why per probe."""
     src, col, ctx = live
-    fentry = default_fentry()
-    preempt = PREEMPTIBLE_SUITES.get(os.environ.get("CTRACE_LAB_SUITE", ""))
+    fentry = expected_fentry()
     for name in FUNCTION_PROBES:
         p = src.plan.probe(name)
         if not p.attached:
@@ -260,8 +252,6 @@ def test_attach_method_per_kernel(live) -> None:  # type: ignore[no-untyped-def]
             assert "bcc attaches to module functions" in p.why, p
         else:
             assert p.method in ("kprobe", "kprobe+kretprobe"), p
-            if preempt:
-                assert f"this kernel preempts ({preempt}, from /sys/kernel/debug/sched/preempt)" in p.why, p
     assert not src.fentry_fallbacks
     assert src.plan.probe("sock").method == "raw_tracepoint"
 
@@ -274,7 +264,7 @@ def test_probes_command_shows_the_plan() -> None:
                        stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("*confirm"))
-    assert ("fentry+fexit" in line) == default_fentry(), r.stdout
+    assert ("fentry+fexit" in line) == fentry, r.stdout
     r = subprocess.run([sys.executable, "-m", "ctrace", "probes", "--attach-method", "fentry"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
     if fentry:

@@ -5,9 +5,8 @@ through a burst larger than its ring, continued, then stopped with SIGTERM: the
 recording must be closed properly, everything detached, and every lost event counted
 and marked in the stream. After SIGKILL no probe may be left behind either.
 The first recorder is forced onto kprobes (--attach-method kprobe) and the
-SIGKILL one uses fentry/fexit where the kernel and bcc allow it (6.12, 7.2;
---attach-method fentry, which on 6.12 is also the default plan) and the default
-plan elsewhere, so on those kernels one boot runs both methods.
+SIGKILL one uses the default plan, so on kernels where that plan is
+fentry/fexit (6.12, 7.2) one boot runs both methods.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, sy
 
 from ctrace import abi
 from ctrace.recording import open_reader, read
-
-FENTRY_SUITES = ("trixie", "sid")  # fentry/fexit on nf_conntrack possible (test_probes.FENTRY_SUITES)
 
 
 def start(tmp_path, name, *extra: str):  # type: ignore[no-untyped-def]
@@ -192,14 +189,13 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
 
 def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-def]
     before = bpf_progs()
-    fentry = os.environ.get("CTRACE_LAB_SUITE") in FENTRY_SUITES
-    p, out = start(tmp_path, "kill", *(("--attach-method", "fentry") if fentry else ()))
+    p, out = start(tmp_path, "kill")
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     time.sleep(1)
     assert not leftovers(p.pid, before)
-    # The header was written at start: this recorder's plan (fentry where possible) and
-    # its start-up cost, beside the kprobe recorder's (record-kprobe-timing.json).
+    # The header was written at start: the default plan and its start-up cost,
+    # beside the kprobe recorder's (record-kprobe-timing.json), same conditions.
     reader = open_reader(str(out))
     try:
         extra = reader.header["extra"]
@@ -209,4 +205,3 @@ def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-d
     with open(os.path.join(os.environ.get("CTRACE_LAB_OUT", "/tmp"), "record-auto-timing.json"), "w") as f:
         json.dump({"compile_s": extra.get("compile_seconds"), "attach_s": extra.get("attach_seconds"),
                    "methods": methods}, f, indent=1)
-    assert (methods["confirm"] == "fentry+fexit") == fentry, methods
