@@ -714,7 +714,7 @@ def test_pairs_survive_preemption(live, lab_out: str) -> None:  # type: ignore[n
         time.sleep(1)
         skips_during = {k: v for k, v in src.prog_skips().items() if v}
         ino = ns_inode(topo.server_ns)
-        skips0 = src.prog_skips()
+        skips0, lost0 = src.prog_skips(), src.lost_counts()
         t0 = col.mark()
         quiet = topo.tcp_server(port=9200)
         conns = topo.connect(topo.client_v4[0], 40, quiet)
@@ -724,13 +724,22 @@ def test_pairs_survive_preemption(live, lab_out: str) -> None:  # type: ignore[n
             pass  # judged below, with the skips
         time.sleep(1)
         ev = col.select(ino, None, since=t0)
+        everywhere = col.events()
+        everywhere = everywhere[everywhere["ts_boot_ns"] >= t0]
         skipped = {k: (v or 0) - (skips0.get(k) or 0) for k, v in src.prog_skips().items()}
+        lost = {abi.LostCause(c).name.lower(): v - lost0.get(c, 0) for c, v in src.lost_counts().items()
+                if v - lost0.get(c, 0)}
     new = ev[ev["kind"] == abi.Kind.NEW]
     est = ev[(ev["kind"] == abi.Kind.STATE) & (ev["ct_state"] == abi.TcpState.ESTABLISHED)]
     progs = {p.name: (p.entry, p.ret) for p in src.plan.probes if p.name in PAIRED}
     slack = {name: sum(skipped.get(prog, 0) for prog in programs) for name, programs in progs.items()}
     summary = {"stress_connects": stressed, "skipped_under_stress": skips_during, "quiet_new": len(new),
-               "quiet_established": len(set(est["ct_id"].tolist())), "skipped_when_quiet": slack}
+               "quiet_established": len(set(est["ct_id"].tolist())), "skipped_when_quiet": slack,
+               "lost_when_quiet": lost,
+               "quiet_records_by_kind": {abi.Kind(k).name.lower(): int((ev["kind"] == k).sum())
+                                         for k in np.unique(ev["kind"])},
+               "quiet_records_anywhere": {abi.Kind(k).name.lower(): int((everywhere["kind"] == k).sum())
+                                          for k in np.unique(everywhere["kind"])}}
     with open(os.path.join(lab_out, "preemption.json"), "w") as f:
         json.dump(summary, f, indent=1)
     assert stressed > 0, summary
