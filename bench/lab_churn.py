@@ -37,9 +37,7 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -51,61 +49,15 @@ RUN_S = 5.0  # seconds per run
 SETTLE_S = 1.5
 FIRST_PORT = 9000
 
-# ------------------------------------------------------------------ workers
-# `python3 bench/lab_churn.py serve PORT SECONDS` / `client SRC... -- DST PORT SECONDS`,
-# each started inside its namespace with nsenter.
-
-
-def serve(port: int, seconds: float) -> None:
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
-    ls.listen(4096)
-    ls.settimeout(0.5)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    deadline = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < deadline:
-        try:
-            s, _ = ls.accept()
-        except socket.timeout:
-            continue
-        s.close()
-        n += 1
-    print(json.dumps({"accepted": n}))
-
-
-def client(srcs: List[str], dst: str, port: int, seconds: float) -> None:
-    linger = struct.pack("ii", 1, 0)
-    n = failed = 0
-    t0 = time.monotonic()
-    deadline = t0 + seconds
-    i = 0
-    while time.monotonic() < deadline:
-        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        c.settimeout(5)
-        c.bind((srcs[i % len(srcs)], 0))
-        i += 1
-        try:
-            c.connect((dst, port))
-            n += 1
-        except OSError:
-            failed += 1
-        c.close()
-    print(json.dumps({"connects": n, "failed": failed, "seconds": time.monotonic() - t0}))
-
-
 # ------------------------------------------------------------------ driver (pytest in a lab guest)
 
-if __name__ != "__main__":
-    import pytest
+import pytest  # noqa: E402
 
-    if os.environ.get("CTRACE_LAB_GUEST") != "1":
-        pytest.skip("benchmark: runs only in a lab guest (tests/vm/lab.py run -- bench/lab_churn.py)",
-                    allow_module_level=True)
-    sys.path.insert(0, os.path.join(TREE, "tests", "kernel"))
+if os.environ.get("CTRACE_LAB_GUEST") != "1":
+    pytest.skip("benchmark: runs only in a lab guest (tests/vm/lab.py run -- bench/lab_churn.py)",
+                allow_module_level=True)
+sys.path.insert(0, os.path.join(TREE, "tests", "kernel"))
+import tcp_churn  # noqa: E402  (the workers, tests/kernel/tcp_churn.py)
 
 
 def nsenter(ns: str, argv: List[str]) -> List[str]:
@@ -178,19 +130,17 @@ def one_run(topo, kind: str, port: int, rec: Optional[Recorder], workdir: str) -
     from lab_toolkit import PATH
 
     env = dict(os.environ, PATH=PATH)
-    me = os.path.abspath(__file__)
-    srv = subprocess.Popen(nsenter(topo.server_ns, [sys.executable, me, "serve", str(port), str(RUN_S + 3)]),
+    srv = subprocess.Popen(nsenter(topo.server_ns, tcp_churn.serve_argv(port, RUN_S + 3)),
                            stdout=subprocess.PIPE, text=True, env=env)
     assert srv.stdout.readline().strip() == "ready"
     listener = EventListener(topo.server_ns, os.path.join(workdir, f"events-{port}.txt")) \
         if kind in ("conntrack", "both") else None
     cpu0 = rec.cpu() if rec else 0.0
     t_start = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-    cli = subprocess.run(nsenter(topo.client_ns, [sys.executable, me, "client", *topo.client_v4, "--",
-                                                  topo.server_v4, str(port), str(RUN_S)]),
+    cli = subprocess.run(nsenter(topo.client_ns, tcp_churn.client_argv(topo.client_v4, topo.server_v4, port, RUN_S)),
                          stdout=subprocess.PIPE, text=True, env=env, timeout=RUN_S + 60)
     t_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-    res = json.loads(cli.stdout.strip().splitlines()[-1])
+    res = tcp_churn.client_result(cli.stdout)
     time.sleep(SETTLE_S)
     run: Dict[str, object] = {"kind": kind, "port": port, "generated": res["connects"], "failed": res["failed"],
                               "seconds": round(res["seconds"], 3),
@@ -311,12 +261,3 @@ def test_churn() -> None:
             c = r["ctrace"]
             assert c["delivered_new"] + c["lost"] == r["generated"], r  # type: ignore[index]
 
-
-if __name__ == "__main__":
-    if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]), float(sys.argv[3]))
-    elif sys.argv[1] == "client":
-        sep = sys.argv.index("--")
-        client(sys.argv[2:sep], sys.argv[sep + 1], int(sys.argv[sep + 2]), float(sys.argv[sep + 3]))
-    else:
-        sys.exit("usage: lab_churn.py serve PORT SECONDS | client SRC... -- DST PORT SECONDS")

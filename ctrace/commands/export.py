@@ -115,7 +115,7 @@ def command(env: Environment, listen: str, top_k: int, max_netns: int, interval:
             snap = feed.snapshot()
             fams = families(snap, top_k, selection.update(*netns_ids(snap)), window=window)
             if src is not None:
-                fams.append(skipped_runs_family(src.prog_skips()))
+                fams.append(skipped_runs_family(src.streamed_losses()[1]))
             return fams
 
         pub = Publisher(server, make)
@@ -124,7 +124,7 @@ def command(env: Environment, listen: str, top_k: int, max_netns: int, interval:
         if not is_loopback(server.address[0]):
             env.warn(f"serving on {server.address[0]}, not loopback: anyone who can reach it can read the metrics")
         # at most: the snapshot's families, the server's own counts, one skip count per program
-        bound = series_bound(top_k, max_netns) + len(OUTCOMES) + (len(src.prog_skips()) if src is not None else 0)
+        bound = series_bound(top_k, max_netns) + len(OUTCOMES) + (len(src.streamed_losses()[1]) if src is not None else 0)
         what = f"recording {replay_file}" if replay_file else \
             f"{sum(1 for p in src.plan.probes if p.attached)} probes attached"
         env.error(f"serving {server.url} ({what}; at most {bound} series)")

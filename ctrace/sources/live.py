@@ -10,9 +10,11 @@ up both as NEW and in the listing keeps only its NEW) -> stream.
 """
 
 import ctypes
+import mmap
 import os
 import re
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -33,6 +35,8 @@ DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
 # and gives an ORPHAN candidate its grace period (see _confirm_orphans).
 ORPHAN_GRACE_NS = 300_000_000
 HOLDBACK_NS = ORPHAN_GRACE_NS
+RINGBUF_BUSY_BIT = 1 << 31  # a reserved record not yet submitted (kernel/bpf/ringbuf.c)
+RINGBUF_FLAG_BITS = RINGBUF_BUSY_BIT | 1 << 30  # busy, discarded
 SKIPS_COUNTED = "each program's recursion_misses (kprobe and raw tracepoint skips only since 6.7)"
 SKIPS_UNCOUNTED = "not counted: this kernel reports no recursion_misses for BPF programs"
 
@@ -230,6 +234,25 @@ IPSTAT_DTYPE = np.dtype([
 ])
 
 
+def ring_positions(m: Any, page: int, size: int) -> Dict[str, int]:
+    """Parse a BPF ring buffer's mapping (consumer page, producer page, data mapped
+    twice): consumer and producer positions, pending (the oldest record not yet
+    committed, kept by kernels since 6.8; 0 before), and the length word of the record
+    the consumer waits at. Its busy bit set means a program reserved that record and
+    has not submitted it; then what the program had written so far is decoded too."""
+    (cons,) = struct.unpack_from("<Q", m, 0)
+    prod, pend = struct.unpack_from("<QQ", m, page)
+    at = 2 * page + (cons & (size - 1))
+    (head,) = struct.unpack_from("<I", m, at)
+    busy = bool(head & RINGBUF_BUSY_BIT) and cons < prod
+    out = {"consumer": cons, "producer": prod, "pending": pend, "head_len": head & ~RINGBUF_FLAG_BITS,
+           "head_busy": int(busy)}
+    if busy:
+        r = abi.decode(bytes(m[at + 8:at + 8 + abi.EVENT_SIZE]))[0]
+        out.update(head_kind=int(r["kind"]), head_ts_boot_ns=int(r["ts_boot_ns"]))
+    return out
+
+
 class LiveSource(Source):
     """Events from the running kernel. Raises CtraceError (one line, an exit
     status) when it cannot start."""
@@ -314,6 +337,8 @@ class LiveSource(Source):
         self.attach_seconds = time.monotonic() - t0
         skips = self.prog_skips()
         self.skips_counted = all(v is not None for v in skips.values())
+        # streamed per program from 0, like the lost counters (_lost_seen)
+        self._skips_seen = {name: None if v is None else 0 for name, v in skips.items()}
         self.start_boot_ns = boot_ns()
         self.boot_to_wall_ns = time.time_ns() - boot_ns()
         self.problems: List[str] = []
@@ -483,6 +508,15 @@ class LiveSource(Source):
     def produced_counts(self) -> Dict[int, int]:
         vals = self.per_cpu_sum("produced", 16)
         return {int(k): vals[int(k)] for k in abi.Kind if int(k) < 16}
+
+    def ring_state(self) -> Optional[Dict[str, int]]:
+        """The ring buffer's positions, read from its read-only mapping (see ring_positions);
+        None with a perf buffer."""
+        if self._b is None or not self.plan.ringbuf:
+            return None
+        page, size = mmap.PAGESIZE, self.ring_pages * mmap.PAGESIZE
+        with mmap.mmap(self._b["events"].map_fd, 2 * page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            return ring_positions(m, page, size)
 
     def sock_stats(self) -> Dict[str, int]:
         v = self.per_cpu_sum("sockstats", 3)

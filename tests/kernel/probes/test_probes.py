@@ -643,40 +643,6 @@ def test_churn_rates(live, lab_out: str) -> None:  # type: ignore[no-untyped-def
     assert final.count == 0
 
 
-# A connect loop: each connection closed by an RST right after connect (no TIME_WAIT,
-# so source ports never run out); runs in the client netns for argv[3] seconds.
-_CONNECT_LOOP = r"""
-import socket, struct, sys, time
-src, dst, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-end, n = time.monotonic() + secs, 0
-while time.monotonic() < end:
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.settimeout(5)
-    c.bind((src, 0))
-    try:
-        c.connect((dst, port))
-        n += 1
-    except OSError:
-        pass
-    c.close()
-print(n)
-"""
-_ACCEPT_LOOP = r"""
-import socket, sys, time
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((sys.argv[1], int(sys.argv[2])))
-ls.listen(4096)
-ls.settimeout(0.5)
-print("ready", flush=True)
-end = time.monotonic() + float(sys.argv[3])
-while time.monotonic() < end:
-    try:
-        ls.accept()[0].close()
-    except socket.timeout:
-        pass
-"""
 STRESS_S = 30
 PAIRED = ("confirm", "tcp_state")  # probes whose return half needs what the entry half saw
 
@@ -691,29 +657,31 @@ def test_pairs_survive_preemption(live, lab_out: str) -> None:  # type: ignore[n
     meanwhile: what the entry half handed the return half under stress must not
     break the pairs after it. (Before this test, a per-CPU stack did: on 7.2 with two
     vCPUs it was left 64 to 137 deep, and from then on no insert was reported.)"""
+    import tcp_churn
     from lab_toolkit import NFT_TRACK, PATH, nft_apply
 
     src, col, ctx = live
     env = dict(os.environ, PATH=PATH)
     with Topology.create() as topo:
         nft_apply(topo.client_ns, NFT_TRACK)
-        server = subprocess.Popen(["ip", "netns", "exec", topo.server_ns, sys.executable, "-c", _ACCEPT_LOOP,
-                                   topo.server_v4, "9100", str(STRESS_S + 10)], stdout=subprocess.PIPE, text=True,
-                                  env=env)
+        server = subprocess.Popen(["ip", "netns", "exec", topo.server_ns] + tcp_churn.serve_argv(9100, STRESS_S + 10),
+                                  stdout=subprocess.PIPE, text=True, env=env)
         assert server.stdout.readline().strip() == "ready"
         spin = "import time\nt = time.monotonic() + %d\nwhile time.monotonic() < t: pass" % STRESS_S
         hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
-        loops = [subprocess.Popen(["ip", "netns", "exec", topo.client_ns, sys.executable, "-c", _CONNECT_LOOP,
-                                   topo.client_v4[i % len(topo.client_v4)], topo.server_v4, "9100", str(STRESS_S)],
-                                  stdout=subprocess.PIPE, text=True, env=env) for i in range(4)]
-        stressed = sum(int(p.communicate(timeout=STRESS_S + 120)[0].strip() or 0) for p in loops)
+        loops = [subprocess.Popen(["ip", "netns", "exec", topo.client_ns]
+                                  + tcp_churn.client_argv([topo.client_v4[i % len(topo.client_v4)]], topo.server_v4,
+                                                          9100, STRESS_S), stdout=subprocess.PIPE, text=True, env=env)
+                 for i in range(4)]
+        stressed = sum(int(tcp_churn.client_result(p.communicate(timeout=STRESS_S + 120)[0])["connects"])
+                       for p in loops)
         for p in hogs:
             p.wait(timeout=60)
         server.kill()
         server.wait()
         time.sleep(1)
-        skips_during = {k: v for k, v in src.prog_skips().items() if v}
         ino = ns_inode(topo.server_ns)
+        ring0 = src.ring_state()
         skips0, lost0 = src.prog_skips(), src.lost_counts()
         t0 = col.mark()
         quiet = topo.tcp_server(port=9200)
@@ -729,11 +697,16 @@ def test_pairs_survive_preemption(live, lab_out: str) -> None:  # type: ignore[n
         skipped = {k: (v or 0) - (skips0.get(k) or 0) for k, v in src.prog_skips().items()}
         lost = {abi.LostCause(c).name.lower(): v - lost0.get(c, 0) for c, v in src.lost_counts().items()
                 if v - lost0.get(c, 0)}
-    new = ev[ev["kind"] == abi.Kind.NEW]
+        ring1 = src.ring_state()
+        new = ev[ev["kind"] == abi.Kind.NEW]
+        # a ring that stays full: is the consumer held at a record never submitted?
+        ring_later = [] if len(new) >= len(conns) else [time.sleep(3) or src.ring_state() for _ in range(5)]
     est = ev[(ev["kind"] == abi.Kind.STATE) & (ev["ct_state"] == abi.TcpState.ESTABLISHED)]
     progs = {p.name: (p.entry, p.ret) for p in src.plan.probes if p.name in PAIRED}
     slack = {name: sum(skipped.get(prog, 0) for prog in programs) for name, programs in progs.items()}
-    summary = {"stress_connects": stressed, "skipped_under_stress": skips_during, "quiet_new": len(new),
+    summary = {"stress_connects": stressed, "skipped_under_stress": {k: v for k, v in skips0.items() if v},
+               "ring_after_stress": ring0, "ring_after_quiet": ring1, "ring_later": ring_later,
+               "quiet_new": len(new),
                "quiet_established": len(set(est["ct_id"].tolist())), "skipped_when_quiet": slack,
                "lost_when_quiet": lost,
                "quiet_records_by_kind": {abi.Kind(k).name.lower(): int((ev["kind"] == k).sum())
