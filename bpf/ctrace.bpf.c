@@ -10,6 +10,8 @@
  *
  *   CT_FENTRY                   also build the fentry/fexit variants (bcc
  *                               MODULE_KFUNC_PROBE), see the end of this file
+ *   CT_EARLY_DROP_CLONE         early_drop is attached as a gcc clone: its
+ *                               arguments are not read
  *
  * Entry/return pairs hand what the entry saw to the return through a small
  * stack per task and function (the stash, below).
@@ -154,10 +156,9 @@ struct ct_ipval {
 };
 BPF_HASH(ipstats, struct ct_ipkey, struct ct_ipval, CT_IP_ENTRIES);
 
-/* Removal-path caller tags (enum ct_destroy_reason). early_drop runs in the
- * packet path and never sleeps: a per-CPU slot. ctnetlink delete/flush and
- * netns cleanup run in a task that may reschedule: keyed by task. */
-BPF_PERCPU_ARRAY(cpu_reason, u32, 1);
+/* Removal-path caller tags (enum ct_destroy_reason): ctnetlink delete/flush
+ * and netns cleanup run in a task that may reschedule: keyed by task. (early_drop
+ * is tagged through the stash below, with the namespace it evicts in.) */
 BPF_HASH(task_reason, u64, u32, 1024);
 
 /* What an entry program hands its return program (the stash). Keyed by task
@@ -171,6 +172,7 @@ BPF_HASH(task_reason, u64, u32, 1024);
 #define ST_CONFIRM 0
 #define ST_TCP 1
 #define ST_ALLOC 2
+#define ST_EARLY_DROP 3
 #define ST_DEPTH 4
 #ifndef CT_STASH_ENTRIES
 #define CT_STASH_ENTRIES 8192
@@ -539,12 +541,33 @@ int alloc_x(struct pt_regs *ctx)
 
 /* ---------------------------------------------------------------- removal */
 
+/* Is this task inside early_drop for the namespace of the entry going? early_drop
+ * runs in the packet path: in a task's output path (preemptible on 7.2, so a
+ * per-CPU tag could stay behind on a CPU the task left) or in a softirq. */
+#define EARLY_DROP_FRESH_NS 1000000000ULL
+static __always_inline int in_early_drop(u32 netns)
+{
+	struct ct_stash_key k = {.task = bpf_get_current_task(), .fn = ST_EARLY_DROP};
+	struct ct_stash *s = stash.lookup(&k);
+	if (!s || s->depth == 0)
+		return 0;
+	u32 d = (s->depth - 1) & (ST_DEPTH - 1);
+	/* Entered within the last second: a tag whose return run the kernel skipped
+	 * (counted) does not outlive that by more. */
+	return (s->a[d] == netns || s->a[d] == 0) && bpf_ktime_get_ns() - s->b[d] < EARLY_DROP_FRESH_NS;
+}
+
 static __always_inline u8 removal_reason(struct ct_info *ci)
 {
-	u32 zero = 0;
-	u32 *cr = cpu_reason.lookup(&zero);
-	if (cr && *cr)
-		return (u8)*cr;
+	if (in_early_drop(ci->netns)) {
+#ifdef CT_HAVE_JIFFIES64
+		/* early_drop_list also reaps the expired entries it meets; the
+		 * kernel does not count those as early drops, nor does ctrace. */
+		if (ct_jiffies_left(ci->timeout) <= 0)
+			return CT_DESTROY_TIMEOUT;
+#endif
+		return CT_DESTROY_EARLY_DROP;
+	}
 	u64 id = bpf_get_current_pid_tgid();
 	u32 *tr = task_reason.lookup(&id);
 	if (tr && *tr)
@@ -644,19 +667,31 @@ static __always_inline void task_untag(void)
 	task_reason.delete(&id);
 }
 
-/* early_drop(net, hash): evicting to make room. */
+/* early_drop(net, hash): evicting to make room in net. */
+static __always_inline int on_early_drop_e(void *net)
+{
+#ifdef CT_EARLY_DROP_CLONE
+	net = NULL; /* a gcc clone (.isra) may pass other arguments: any namespace */
+#endif
+	stash_push(ST_EARLY_DROP, net_inum((struct net *)net), bpf_ktime_get_ns());
+	return 0;
+}
+
+static __always_inline int on_early_drop_x(void)
+{
+	u64 a, b;
+	stash_pop(ST_EARLY_DROP, &a, &b);
+	return 0;
+}
+
 int early_drop_e(struct pt_regs *ctx)
 {
-	u32 zero = 0, r = CT_DESTROY_EARLY_DROP;
-	cpu_reason.update(&zero, &r);
-	return 0;
+	return on_early_drop_e((void *)PT_REGS_PARM1(ctx));
 }
 
 int early_drop_x(struct pt_regs *ctx)
 {
-	u32 zero = 0, r = 0;
-	cpu_reason.update(&zero, &r);
-	return 0;
+	return on_early_drop_x();
 }
 
 /* ctnetlink_del_conntrack: conntrack -D, and -F (flush) which it dispatches. */
@@ -921,16 +956,12 @@ MODULE_KFUNC_PROBE(nf_conntrack, destroy_conntrack, void *nfct)
 
 MODULE_KFUNC_PROBE(nf_conntrack, early_drop, void *net)
 {
-	u32 zero = 0, r = CT_DESTROY_EARLY_DROP;
-	cpu_reason.update(&zero, &r);
-	return 0;
+	return on_early_drop_e(net);
 }
 
 MODULE_KRETFUNC_PROBE(nf_conntrack, early_drop, void *net)
 {
-	u32 zero = 0, r = 0;
-	cpu_reason.update(&zero, &r);
-	return 0;
+	return on_early_drop_x();
 }
 
 MODULE_KFUNC_PROBE(nf_conntrack_netlink, ctnetlink_del_conntrack, void *a0)

@@ -77,8 +77,9 @@ class Probe:
     def attached(self) -> bool:
         return self.method != ABSENT
 
-    def to_json(self) -> Dict[str, str]:
-        return {"name": self.name, "function": self.function, "method": self.method, "why": self.why}
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "function": self.function, "method": self.method, "why": self.why,
+                "programs": [n for n in (self.entry, self.ret) if n] if self.attached else []}
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class ProbePlan:
             flags.append("-DCT_HAVE_JIFFIES64")
         if self.fentry:
             flags.append("-DCT_FENTRY")
+        ed = next((p for p in self.probes if p.name == "early_drop"), None)
+        if ed is not None and ed.attached and ed.function != "early_drop":
+            flags.append("-DCT_EARLY_DROP_CLONE")  # a gcc clone's arguments may differ: its net is not read
         return flags
 
     def to_json(self) -> Dict[str, Any]:

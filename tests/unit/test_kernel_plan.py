@@ -73,6 +73,8 @@ def test_510_destroy_conntrack_shim_and_clone():
     assert "nf_ct_hook" in d.why  # the shim names the kernel change
     e = plan.probe("early_drop")
     assert e.function == "early_drop.isra.0" and "clone" in e.why
+    # a clone's arguments may differ from early_drop's: its net is not read
+    assert "-DCT_EARLY_DROP_CLONE" in plan.cflags()
 
 
 def test_inlined_function_is_absent_with_reason():
@@ -393,7 +395,10 @@ def test_replace_and_json():
     p2 = plan.replace(kp)
     assert p2.probe("confirm").method == KPROBE_KRETPROBE and plan.probe("confirm").method == FENTRY_FEXIT
     assert p2.to_json()["method"] == "auto"
-    assert set(plan.to_json()["probes"][0]) == {"name", "function", "method", "why"}
+    assert set(plan.to_json()["probes"][0]) == {"name", "function", "method", "why", "programs"}
+    # the programs as the kernel's skip counts name them: the fentry pair, then the kprobe pair
+    assert plan.to_json()["probes"][0]["programs"] == [plan.probe("confirm").entry, plan.probe("confirm").ret]
+    assert p2.to_json()["probes"][0]["programs"] == [kp.entry, kp.ret] != plan.to_json()["probes"][0]["programs"]
 
 
 class FakeBPF:

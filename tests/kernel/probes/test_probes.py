@@ -43,6 +43,7 @@ from lab_toolkit import (
     conntrack_stats,
     run,
     sysctls,
+    wait_for,
 )
 
 from ctrace import abi
@@ -419,6 +420,64 @@ def test_table_full(live) -> None:  # type: ignore[no-untyped-def]
         assert set(tuple_of(r)[0] for r in full) == {topo.client_v4[1]}
         assert set(full["l4proto"]) == {abi.IPPROTO_TCP}
         assert set(tuple_of(r)[3] for r in full) == {server.port}
+
+
+HASHSIZE = "/sys/module/nf_conntrack/parameters/hashsize"  # nf_conntrack_buckets, writable on every kernel
+
+
+@contextlib.contextmanager
+def one_bucket() -> Iterator[None]:
+    """Every entry in one hash chain for the body: early_drop scans the chain of the new
+    tuple's bucket (and a few after it), so with one bucket it always finds the table's
+    unassured entries, and drops every one in the namespace (early_drop_list)."""
+    with open(HASHSIZE) as f:
+        old = f.read().strip()
+    with open(HASHSIZE, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(HASHSIZE, "w") as f:
+            f.write(old)
+
+
+def test_early_drop_is_tagged(live) -> None:  # type: ignore[no-untyped-def]
+    """A table full of unassured UDP entries, conntrack on in both namespaces: one more
+    datagram makes room by early_drop in each, in the client's in process context (its
+    output path) and in the server's in the packet path. Every entry it drops comes as a
+    DESTROY with reason early_drop, as many as each namespace's `conntrack -S` early_drop
+    grew by: all the entries there were, and the new datagram's entry inserted after."""
+    from lab_toolkit import NFT_TRACK, nft_apply
+
+    src, col, ctx = live
+    cap = 10
+    with Topology.create() as topo:
+        nft_apply(topo.client_ns, NFT_TRACK)
+        sink = topo.udp_sink(port=5360)
+        inos = {"client": ns_inode(topo.client_ns), "server": ns_inode(topo.server_ns)}
+        names = {"client": topo.client_ns, "server": topo.server_ns}
+        t0 = col.mark()
+        with one_bucket(), sysctls({"net.netfilter.nf_conntrack_max": cap}):
+            filled = topo.send_udp(topo.client_v4[0], cap, sink)
+            wait_for(lambda: all(conntrack_count(ns) == cap for ns in names.values()), 10, what="table full")
+            before = {k: conntrack_stats(ns) for k, ns in names.items()}
+            last = topo.send_udp(topo.client_v4[0], 1, sink)
+            wait_for(lambda: all(conntrack_count(ns) == 1 for ns in names.values()), 10, what="early drop")
+            after = {k: conntrack_stats(ns) for k, ns in names.items()}
+        for side, ino in inos.items():
+            col.wait(lambda: len(col.select(ino, abi.Kind.DESTROY, since=t0)) >= cap, 10, f"{side} DESTROY")
+        time.sleep(0.5)
+        got = {side: col.select(ino, None, since=t0) for side, ino in inos.items()}
+    for side, ev in got.items():
+        dropped = after[side]["early_drop"] - before[side]["early_drop"]
+        gone = ev[ev["kind"] == abi.Kind.DESTROY]
+        new = ev[ev["kind"] == abi.Kind.NEW]
+        assert dropped == cap, (side, before[side], after[side])
+        assert len(gone) == dropped, (side, np.unique(gone["reason"]))
+        assert (gone["reason"] == abi.DestroyReason.EARLY_DROP).all(), (side, np.unique(gone["reason"]))
+        assert sorted(tuple_of(r) for r in gone) == sorted(filled), side
+        assert sorted(tuple_of(r) for r in new) == sorted(filled + last), side
+        assert not (ev["kind"] == abi.Kind.DROP).any(), side
 
 
 def test_netns_teardown(live) -> None:  # type: ignore[no-untyped-def]
