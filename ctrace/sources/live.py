@@ -522,8 +522,12 @@ class LiveSource(Source):
         v = self.per_cpu_sum("sockstats", 3)
         return {"closed": v[0], "entry_found": v[1], "established": v[2]}
 
-    def _lost_records(self, ts: int) -> np.ndarray:
+    def _lost_records(self) -> np.ndarray:
+        """LOST records for what the counters grew by since the last poll, stamped when
+        they were read: never before a loss they count (a reader stopped mid-poll, by
+        SIGSTOP or the scheduler, may read them much later than the poll began)."""
         vals, self._skips_seen = self._lost_totals()
+        ts = boot_ns()
         out = []
         for cause in abi.LostCause:
             d = vals[cause] - self._lost_seen[cause]
@@ -537,10 +541,12 @@ class LiveSource(Source):
         self._lost_seen = vals
         return abi.concat(out) if out else abi.empty(0)
 
-    def _counter_records(self, ts: int) -> np.ndarray:
+    def _counter_records(self) -> np.ndarray:
+        """COUNTER records of the kernel's own figures, stamped when they were read."""
         sysctls = sysinfo.read_sysctls()
         stat = sysinfo.read_stat()
         ns = sysinfo.own_netns()
+        ts = boot_ns()
         vals = [
             (abi.Counter.COUNT, sysctls.get("nf_conntrack_count")),
             (abi.Counter.MAX, sysctls.get("nf_conntrack_max")),
@@ -564,12 +570,12 @@ class LiveSource(Source):
 
     def poll(self, final: bool = False) -> np.ndarray:
         """One poll: everything up to now (minus a few ms of hold-back unless final), sorted."""
+        now = boot_ns()  # before draining: whatever happened before it is drained now
         self._drain()
-        now = boot_ns()
-        extra = [self._lost_records(now)]
+        extra = [self._lost_records()]
         if final or time.monotonic() - self._last_counter >= self.counter_every:
             self._last_counter = time.monotonic()
-            extra.append(self._counter_records(now))
+            extra.append(self._counter_records())
         arr = abi.concat([self._pending] + extra)
         order = np.argsort(arr["ts_boot_ns"], kind="stable")
         arr = arr[order]

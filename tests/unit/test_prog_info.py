@@ -56,14 +56,14 @@ def test_growth_of_skipped_runs_becomes_lost_records():
             return dict(self.skips)
 
     src = Stub()
-    assert len(src._lost_records(1)) == 0
+    assert len(src._lost_records()) == 0
     src.skips["confirm_e"] = 3
     src.ring[abi.LostCause.RINGBUF_FULL] = 2
-    recs = src._lost_records(2)
+    recs = src._lost_records()
     assert sorted((int(r["reason"]), int(r["value"])) for r in recs) == [
         (abi.LostCause.RINGBUF_FULL, 2), (abi.LostCause.PROBE_SKIPPED, 3)]
     src.skips["confirm_e"] = 4
-    assert [(int(r["reason"]), int(r["value"])) for r in src._lost_records(3)] == [(abi.LostCause.PROBE_SKIPPED, 1)]
+    assert [(int(r["reason"]), int(r["value"])) for r in src._lost_records()] == [(abi.LostCause.PROBE_SKIPPED, 1)]
     assert src.lost_counts()[abi.LostCause.PROBE_SKIPPED] == 4
     # Skips after the last poll: counted now, but not in what was streamed (a trailer's figures)
     src.skips["confirm_e"] = 6
