@@ -355,14 +355,17 @@ class Topology:
         self._conns.extend(done)
         return done, stuck
 
-    def send_udp(self, src: str, n: int, sink: UdpSink, payload: bytes = b"x") -> List[Tuple[str, str, int, int]]:
-        """Send one datagram from each of ``n`` fresh source ports; returns tuples."""
+    def send_udp(self, src: str, n: int, sink: UdpSink, payload: bytes = b"x",
+                 first_port: int = 0) -> List[Tuple[str, str, int, int]]:
+        """Send one datagram from each of ``n`` fresh source ports; returns tuples. The
+        kernel may hand out a port again that it just freed (the same tuple: no new
+        entry); ``first_port`` makes them first_port, first_port + 1, ... instead."""
         family = socket.AF_INET6 if ":" in src else socket.AF_INET
         tuples = []
-        for _ in range(n):
+        for i in range(n):
             with in_netns(self.client_ns):
                 s = socket.socket(family, socket.SOCK_DGRAM)
-            s.bind((src, 0))
+            s.bind((src, first_port + i if first_port else 0))
             s.sendto(payload, (sink.addr, sink.port))
             tuples.append((src, sink.addr, s.getsockname()[1], sink.port))
             s.close()

@@ -461,10 +461,10 @@ def test_early_drop_is_tagged(live) -> None:  # type: ignore[no-untyped-def]
         with few_buckets() as buckets:
             cap = 4 * buckets
             with sysctls({"net.netfilter.nf_conntrack_max": cap}):
-                filled = topo.send_udp(topo.client_v4[0], cap, sink)
+                filled = topo.send_udp(topo.client_v4[0], cap, sink, first_port=20000)
                 wait_for(lambda: all(conntrack_count(ns) == cap for ns in names.values()), 30, what="table full")
                 before = {k: conntrack_stats(ns)["early_drop"] for k, ns in names.items()}
-                last = topo.send_udp(topo.client_v4[0], 1, sink)
+                last = topo.send_udp(topo.client_v4[0], 1, sink, first_port=20000 + cap)
                 wait_for(lambda: all(conntrack_stats(ns)["early_drop"] > before[k] for k, ns in names.items()), 10,
                          what="an early drop in both namespaces")
                 dropped = {k: conntrack_stats(ns)["early_drop"] - before[k] for k, ns in names.items()}
