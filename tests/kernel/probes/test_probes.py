@@ -440,7 +440,7 @@ def few_buckets() -> Iterator[int]:
             f.write(old)
 
 
-def test_early_drop_is_tagged(live) -> None:  # type: ignore[no-untyped-def]
+def test_early_drop_is_tagged(live, lab_out: str) -> None:  # type: ignore[no-untyped-def]
     """A table full of unassured UDP entries, conntrack on in both namespaces: one more
     datagram makes room by early_drop in each, in the client's in process context (its
     output path) and in the server's in the packet path. early_drop scans the chain of
@@ -475,6 +475,12 @@ def test_early_drop_is_tagged(live) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.5)
         got = {side: col.select(ino, None, since=t0) for side, ino in inos.items()}
     lost = {abi.LostCause(c).name.lower(): v for c, v in src.lost_counts().items() if v}
+    with open(os.path.join(lab_out, "early-drop.json"), "w") as f:
+        json.dump({"buckets": buckets, "entries": cap, "early_drops": dropped, "left": left,
+                   "reasons": {side: {abi.DestroyReason(k).name.lower(): int((ev["reason"][ev["kind"] == abi.Kind.DESTROY]
+                                                                              == k).sum())
+                                      for k in np.unique(ev["reason"][ev["kind"] == abi.Kind.DESTROY])}
+                               for side, ev in got.items()}}, f, indent=1)
     for side, ev in got.items():
         gone = ev[ev["kind"] == abi.Kind.DESTROY]
         new = ev[ev["kind"] == abi.Kind.NEW]
