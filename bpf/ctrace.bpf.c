@@ -206,16 +206,27 @@ static __always_inline void stash_push(u32 fn, u64 a, u64 b)
 	s->b[d & (ST_DEPTH - 1)] = b;
 }
 
+/* The top slot of the task's stash for fn, left in place: the entry, or NULL if
+ * the stash is empty (*a and *b then untouched). */
+static __always_inline struct ct_stash *stash_peek(struct ct_stash_key *k, u64 *a, u64 *b)
+{
+	struct ct_stash *s = stash.lookup(k);
+	if (!s || s->depth == 0)
+		return NULL;
+	u32 d = (s->depth - 1) & (ST_DEPTH - 1);
+	*a = s->a[d];
+	*b = s->b[d];
+	return s;
+}
+
 static __always_inline int stash_pop(u32 fn, u64 *a, u64 *b)
 {
 	struct ct_stash_key k = {.task = bpf_get_current_task(), .fn = fn};
-	struct ct_stash *s = stash.lookup(&k);
-	if (!s || s->depth == 0)
+	struct ct_stash *s = stash_peek(&k, a, b);
+	if (!s)
 		return 0;
-	/* Read the slot before releasing it. */
+	/* The slot was read before it is released. */
 	u32 d = s->depth - 1;
-	*a = s->a[d & (ST_DEPTH - 1)];
-	*b = s->b[d & (ST_DEPTH - 1)];
 	s->depth = d;
 	if (d == 0)
 		stash.delete(&k);
@@ -548,13 +559,12 @@ int alloc_x(struct pt_regs *ctx)
 static __always_inline int in_early_drop(u32 netns)
 {
 	struct ct_stash_key k = {.task = bpf_get_current_task(), .fn = ST_EARLY_DROP};
-	struct ct_stash *s = stash.lookup(&k);
-	if (!s || s->depth == 0)
+	u64 ns = 0, entered = 0;
+	if (!stash_peek(&k, &ns, &entered))
 		return 0;
-	u32 d = (s->depth - 1) & (ST_DEPTH - 1);
 	/* Entered within the last second: a tag whose return run the kernel skipped
 	 * (counted) does not outlive that by more. */
-	return (s->a[d] == netns || s->a[d] == 0) && bpf_ktime_get_ns() - s->b[d] < EARLY_DROP_FRESH_NS;
+	return (ns == netns || ns == 0) && bpf_ktime_get_ns() - entered < EARLY_DROP_FRESH_NS;
 }
 
 static __always_inline u8 removal_reason(struct ct_info *ci)
