@@ -71,6 +71,10 @@ enum ct_counter {
 	CT_COUNTER_DROP = 4,          /* ... drop */
 	CT_COUNTER_EARLY_DROP = 5,    /* ... early_drop */
 	CT_COUNTER_BUCKETS = 6,       /* nf_conntrack_buckets */
+	/* ctrace's own ring buffer, read by user space from its mapping: */
+	CT_COUNTER_RING_BYTES = 7,      /* size of its data area */
+	CT_COUNTER_RING_PEAK_BYTES = 8, /* most bytes waiting in it at a read since the
+	                                 * previous COUNTER records: the reader's headroom */
 };
 
 /* ct_event.ct_state / ct_oldstate for TCP: the kernel's enum tcp_conntrack. */

@@ -53,6 +53,12 @@ class Counter(IntEnum):
     DROP = 4
     EARLY_DROP = 5
     BUCKETS = 6
+    RING_BYTES = 7
+    RING_PEAK_BYTES = 8
+
+
+# Counters about ctrace's ring buffer, not the kernel's conntrack figures.
+RING_COUNTERS = (Counter.RING_BYTES, Counter.RING_PEAK_BYTES)
 
 
 class TcpState(IntEnum):

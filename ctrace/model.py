@@ -192,6 +192,15 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
+class RingUse:
+    """How full ctrace's ring buffer got before the reader emptied it (live traces with a
+    BPF ring buffer): size, the peak of the last sampling period, the peak of the run."""
+    size_bytes: int
+    peak_bytes: int
+    max_peak_bytes: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     info: SourceInfo
     by: str
@@ -222,6 +231,7 @@ class Snapshot:
     drops_by_reason: Dict[str, int]
     untracked: Dict[str, int]
     kernel_counters: Dict[str, int]
+    ring: Optional[RingUse] = None
 
     @property
     def duration_s(self) -> float:
@@ -279,6 +289,7 @@ class Model:
         self.removals_total = 0
         self.removed_unborn = 0  # removals of entries neither listed at start nor seen created
         self.counters: Dict[int, int] = {}
+        self.ring_max_peak = 0  # the largest RING_PEAK_BYTES counter so far
         self.ips = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.prefixes = KeyTable(self.opt.max_keys, len(COLUMNS))
         self.netns = KeyTable(self.opt.max_keys, len(COLUMNS))
@@ -319,6 +330,8 @@ class Model:
             counters = np.flatnonzero(kind == K.COUNTER)
             for cid, val in zip(ev["reason"][counters].tolist(), ev["value"][counters].tolist()):
                 self.counters[cid] = val
+                if cid == abi.Counter.RING_PEAK_BYTES:
+                    self.ring_max_peak = max(self.ring_max_peak, val)
         # Rows of entry records and of records counted per key (None: every row).
         n_entry, n_keyed = int(per_kind[_ENTRY_LUT[:16]].sum()), int(per_kind[_KEYED_LUT[:16]].sum())
         entry = None if n_entry == len(ev) else np.flatnonzero(_ENTRY_LUT[kind])
@@ -701,8 +714,16 @@ class Model:
                 "drops": int(ev[_C["drops"]]),
                 "removed_unborn": self.removed_unborn,
             },
-            kernel_counters={abi.Counter(c).name.lower(): v for c, v in self.counters.items() if c in abi.Counter._value2member_map_},
+            kernel_counters={abi.Counter(c).name.lower(): v for c, v in self.counters.items()
+                             if c in abi.Counter._value2member_map_ and c not in abi.RING_COUNTERS},
+            ring=self._ring_use(),
         )
+
+    def _ring_use(self) -> Optional[RingUse]:
+        size = self.counters.get(abi.Counter.RING_BYTES)
+        if not size:
+            return None
+        return RingUse(size, self.counters.get(abi.Counter.RING_PEAK_BYTES, 0), self.ring_max_peak)
 
     def _lifetimes(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}

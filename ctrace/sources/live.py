@@ -37,6 +37,7 @@ ORPHAN_GRACE_NS = 300_000_000
 HOLDBACK_NS = ORPHAN_GRACE_NS
 RINGBUF_BUSY_BIT = 1 << 31  # a reserved record not yet submitted (kernel/bpf/ringbuf.c)
 RINGBUF_FLAG_BITS = RINGBUF_BUSY_BIT | 1 << 30  # busy, discarded
+RINGBUF_RECORD_BYTES = 8 + -(-abi.EVENT_SIZE // 8) * 8  # one event in the ring: length word, pad, data to 8 bytes
 SKIPS_COUNTED = "each program's recursion_misses (kprobe and raw tracepoint skips only since 6.7)"
 SKIPS_UNCOUNTED = "not counted: this kernel reports no recursion_misses for BPF programs"
 
@@ -273,6 +274,8 @@ class LiveSource(Source):
         self._lost_seen = [0] * 8
         self._skips_seen: Dict[str, Optional[int]] = {}
         self._last_counter = 0.0
+        self._ring_map: Optional[mmap.mmap] = None
+        self._ring_peak = 0  # most bytes waiting in the ring at a poll since the last COUNTER records
         self._existing = abi.empty(0)
         self.orphans_withdrawn = 0
         self.attach_seconds = 0.0
@@ -514,9 +517,14 @@ class LiveSource(Source):
         None with a perf buffer."""
         if self._b is None or not self.plan.ringbuf:
             return None
-        page, size = mmap.PAGESIZE, self.ring_pages * mmap.PAGESIZE
-        with mmap.mmap(self._b["events"].map_fd, 2 * page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            return ring_positions(m, page, size)
+        page, size = mmap.PAGESIZE, self.ring_bytes
+        if self._ring_map is None:
+            self._ring_map = mmap.mmap(self._b["events"].map_fd, 2 * page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return ring_positions(self._ring_map, page, size)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_pages * mmap.PAGESIZE
 
     def sock_stats(self) -> Dict[str, int]:
         v = self.per_cpu_sum("sockstats", 3)
@@ -555,6 +563,9 @@ class LiveSource(Source):
             (abi.Counter.DROP, stat.get("drop")),
             (abi.Counter.EARLY_DROP, stat.get("early_drop")),
         ]
+        if self.plan.ringbuf and self._b is not None:
+            vals += [(abi.Counter.RING_BYTES, self.ring_bytes), (abi.Counter.RING_PEAK_BYTES, self._ring_peak)]
+            self._ring_peak = 0
         vals = [(c, v) for c, v in vals if v is not None]
         r = abi.empty(len(vals))
         for i, (c, v) in enumerate(vals):
@@ -571,6 +582,9 @@ class LiveSource(Source):
     def poll(self, final: bool = False) -> np.ndarray:
         """One poll: everything up to now (minus a few ms of hold-back unless final), sorted."""
         now = boot_ns()  # before draining: whatever happened before it is drained now
+        ring = self.ring_state()
+        if ring is not None:
+            self._ring_peak = max(self._ring_peak, ring["producer"] - ring["consumer"])
         self._drain()
         extra = [self._lost_records()]
         if final or time.monotonic() - self._last_counter >= self.counter_every:
@@ -650,6 +664,9 @@ class LiveSource(Source):
         if self._closed:
             return
         self._closed = True
+        if self._ring_map is not None:
+            self._ring_map.close()
+            self._ring_map = None
         b, self._b = self._b, None
         if b is not None:
             try:

@@ -92,7 +92,7 @@ _GLOBAL_SINGLE = (
     "ctrace_hash_buckets", "ctrace_fill_ratio", "ctrace_inserts_total", "ctrace_events_total",
     "ctrace_insert_rate_per_second", "ctrace_expiry_rate_per_second",
     "ctrace_rate_window_seconds", "ctrace_time_to_full_seconds", "ctrace_trace_duration_seconds",
-    "ctrace_untracked_entries", "ctrace_keys_evicted_total",
+    "ctrace_untracked_entries", "ctrace_keys_evicted_total", "ctrace_ring_buffer_bytes", "ctrace_ring_buffer_peak_bytes",
 )
 _NETNS_SERIES = 7 + len(REMOVAL_REASONS)  # entries, orphaned, inserts, orphans, drops, two rates + removals
 _SOURCE_SERIES = 4  # entries, orphaned entries, insert rate, removal rate
@@ -149,6 +149,10 @@ def families(s: Snapshot, top_k: int = 20, netns: Optional[Iterable[int]] = None
     g("ctrace_untracked_entries", "Live entries whose address was evicted from the bounded key table.",
       s.untracked.get("live", 0))
     c("ctrace_keys_evicted_total", "Addresses evicted from the bounded key table.", s.untracked.get("keys_evicted", 0))
+    g("ctrace_ring_buffer_bytes", "Size of the BPF ring buffer ctrace reads events from (live traces).",
+      s.ring.size_bytes if s.ring else None)
+    g("ctrace_ring_buffer_peak_bytes", "Most bytes waiting in the ring buffer when ctrace came to read it, over the "
+      "last second: near its size, records are about to be lost.", s.ring.peak_bytes if s.ring else None)
     out.extend(_netns_families(s, netns))
     out.extend(_source_families(s.ips, "ip", "address", top_k, s.count))
     out.extend(_source_families(s.prefixes, "prefix", "prefix", top_k, s.count))

@@ -4,7 +4,7 @@ import datetime
 from typing import Any, Dict, List, Optional, Sequence
 
 from ctrace.model import Row, Snapshot
-from ctrace.views.units import seconds
+from ctrace.views.units import ring_fill, seconds
 
 SCHEMA = "ctrace.report/1"
 
@@ -76,6 +76,7 @@ def to_json(s: Snapshot, top: Optional[int] = None, damage: Sequence[str] = ()) 
         "drops_by_reason": dict(s.drops_by_reason),
         "untracked": dict(s.untracked),
         "kernel_counters": dict(s.kernel_counters),
+        "ring": None if s.ring is None else {"size_bytes": s.ring.size_bytes, "peak_bytes": s.ring.max_peak_bytes},
     }
 
 
@@ -92,6 +93,10 @@ def render_text(s: Snapshot, top: int = 20, damage: Sequence[str] = ()) -> str:
     ev = j["events"]
     lost = f"  LOST {ev['lost']} ({', '.join(f'{k} {v}' for k, v in ev['lost_by_cause'].items())})" if ev["lost"] else "  lost 0"
     out.append(f"events {ev['total']}{lost}")
+    ring = j["ring"]
+    if ring:
+        out.append(f"ring buffer at its fullest {ring_fill(ring['peak_bytes'], ring['size_bytes'])} of {ring['size_bytes'] >> 10} KiB"
+                   " when read")
     fill = f" ({100 * t['end_count'] / t['max']:.1f}% of {t['max']})" if t["max"] else ""
     out.append(f"entries {t['start_count']} -> {t['end_count']}{fill}, peak {t['peak_count']}")
     out.append(

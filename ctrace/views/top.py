@@ -10,7 +10,7 @@ import numpy as np
 from ctrace.keys import EventFilter, KeySpace, parse_filter
 from ctrace.keytable import Ages, RowTable
 from ctrace.model import Row, Snapshot
-from ctrace.views.units import seconds
+from ctrace.views.units import ring_fill, seconds
 from ctrace.grouping import group_rows
 
 GROUPS = ("ip", "prefix", "wide", "netns")
@@ -147,7 +147,8 @@ def header_lines(s: Snapshot, width: int = 80, state: ViewState = ViewState()) -
     probes = ",".join(sorted({p.get("method", "?") for p in s.info.probes})) or "-"
     shown = " ".join(x for x in (state.filter.describe(), f"addr~{state.addr}" if state.addr else "") if x) or "none"
     extra = f"  untracked {s.untracked['keys_evicted']}" if s.untracked.get("keys_evicted") else ""
-    lines.append(f"probes {probes}  filter {shown}  by {s.by}  sort {state.sort}{extra}{'  [PAUSED]' if state.paused else ''}"[:width])
+    ring = f"  ring {ring_fill(s.ring.peak_bytes, s.ring.size_bytes)}" if s.ring else ""
+    lines.append(f"probes {probes}{ring}  filter {shown}  by {s.by}  sort {state.sort}{extra}{'  [PAUSED]' if state.paused else ''}"[:width])
     return lines
 
 

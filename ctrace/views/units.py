@@ -11,3 +11,12 @@ def seconds(v: Optional[float], digits: int = 1) -> str:
         if v >= size:
             return f"{v / size:.{digits}f}{unit}"
     return f"{v:.{digits}f}s"
+
+
+RING_HIGH = 0.75  # a ring this full when read is close to losing records
+
+
+def ring_fill(peak_bytes: int, size_bytes: int) -> str:
+    """How full the ring buffer was when read: '12%', or '93% HIGH' near full."""
+    share = peak_bytes / size_bytes if size_bytes else 0.0
+    return f"{100 * share:.0f}%" + (" HIGH" if share >= RING_HIGH else "")

@@ -76,3 +76,27 @@ def test_address_filter_on_labels():
     lines = render_screen(snapshot(), ViewState(addr="10.0.0"), 80, 24)
     rows = [line for line in lines if line[:1].isdigit()]
     assert [r.split()[0] for r in rows] == ["10.0.0.1", "10.0.0.9"]
+
+
+def ring_snapshot(peaks):
+    """A live trace's COUNTER records about a 1 MiB ring: one peak per second."""
+    m = Model(INFO)
+    specs = []
+    for i, peak in enumerate(peaks):
+        specs += [dict(kind=abi.Kind.COUNTER, t=i + 1, reason=abi.Counter.RING_BYTES, value=1 << 20),
+                  dict(kind=abi.Kind.COUNTER, t=i + 1, reason=abi.Counter.RING_PEAK_BYTES, value=peak)]
+    m.apply(seq(specs))
+    return m.snapshot()
+
+
+def test_ring_headroom_shown_where_known():
+    s = ring_snapshot([900_000, 120_000])  # 86% then 11% of the ring
+    assert (s.ring.size_bytes, s.ring.peak_bytes, s.ring.max_peak_bytes) == (1 << 20, 120_000, 900_000)
+    assert s.kernel_counters == {}  # ctrace's ring is not one of the kernel's conntrack figures
+    assert render_frame(s).splitlines()[2] == "probes -  ring 11%  filter none  by src  sort live"
+    assert render_frame(ring_snapshot([120_000, 900_000])).splitlines()[2].startswith("probes -  ring 86% HIGH  filter")
+    assert to_json(s)["ring"] == {"size_bytes": 1 << 20, "peak_bytes": 900_000}
+    assert "ring buffer at its fullest 86% HIGH of 1024 KiB when read" in render_text(s).splitlines()
+    plain = snapshot()  # a recording without ring figures (replay, synthetic, perf buffer)
+    assert plain.ring is None and to_json(plain)["ring"] is None
+    assert "ring" not in render_frame(plain) and "ring buffer" not in render_text(plain)

@@ -9,6 +9,7 @@ the same kernel events in both.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from lab_toolkit import Topology, close_fin, close_rst, conntrack_flush
 
 from ctrace.exporter import THREAD_NAME
 from ctrace.recording import read
+from ctrace.sources.live import DEFAULT_RING_PAGES
 
 pytest.importorskip("prometheus_client")
 
@@ -254,6 +256,9 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
                              "max_less_cpu_waits": round(max(exporter_s), 4) if exporter_s else None,
                              "server_cpu_waits_s": round(sum(w for _, _, w in scrapes), 3)},
         "guest_stalls_s": [round(b - a, 3) for a, b in stalls],
+        "ring": {"exporter": {"size_bytes": get(final, "ctrace_ring_buffer_bytes"),
+                              "peak_bytes": get(final, "ctrace_ring_buffer_peak_bytes")},
+                 "recording": rep["ring"]},
         "tcp_counters": {k: tcp_after[k] - tcp_before.get(k, 0) for k in tcp_after},
     }
     rec_skips, exp_skips = summary["recording"]["skipped_runs"], summary["exporter"]["skipped_runs"]
@@ -288,6 +293,10 @@ def test_live_export_agrees_with_a_parallel_recording(tmp_path, lab_out) -> None
     # No connection here ends without FIN or RST before the end: no orphan in either (a
     # skipped socket run could only hide one).
     assert get(final, "ctrace_netns_orphans_total", netns=ino) == row["orphans"] == 0, summary
+    # Both read a ring buffer of the default size, and neither filled it (nothing lost).
+    ring_bytes = DEFAULT_RING_PAGES * mmap.PAGESIZE
+    assert summary["ring"]["exporter"]["size_bytes"] == rep["ring"]["size_bytes"] == ring_bytes, summary["ring"]
+    assert 0 < rep["ring"]["peak_bytes"] < ring_bytes and summary["ring"]["exporter"]["peak_bytes"] < ring_bytes, summary["ring"]
     req = summary["exporter"]["requests"]
     # (the exporter's own counts are as of the publication before the last scrape)
     assert req["ok"] >= 5 and req["too_large"] > 0 and req["bad_request"] > 0, req

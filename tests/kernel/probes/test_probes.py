@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from lab_toolkit import (
 )
 
 from ctrace import abi
+from ctrace.sources.live import RINGBUF_RECORD_BYTES
 
 TEST_RING_PAGES = 256  # 1 MiB: small enough that the loss test can overflow it
 
@@ -475,20 +477,18 @@ def test_early_drop_is_tagged(live, lab_out: str) -> None:  # type: ignore[no-un
         time.sleep(0.5)
         got = {side: col.select(ino, None, since=t0) for side, ino in inos.items()}
     lost = {abi.LostCause(c).name.lower(): v for c, v in src.lost_counts().items() if v}
+    gone = {side: ev[ev["kind"] == abi.Kind.DESTROY] for side, ev in got.items()}
+    reasons = {side: {abi.DestroyReason(k).name.lower(): int(n) for k, n in zip(*np.unique(g["reason"], return_counts=True))}
+               for side, g in gone.items()}
     with open(os.path.join(lab_out, "early-drop.json"), "w") as f:
-        json.dump({"buckets": buckets, "entries": cap, "early_drops": dropped, "left": left,
-                   "reasons": {side: {abi.DestroyReason(k).name.lower(): int((ev["reason"][ev["kind"] == abi.Kind.DESTROY]
-                                                                              == k).sum())
-                                      for k in np.unique(ev["reason"][ev["kind"] == abi.Kind.DESTROY])}
-                               for side, ev in got.items()}}, f, indent=1)
+        json.dump({"buckets": buckets, "entries": cap, "early_drops": dropped, "left": left, "reasons": reasons}, f, indent=1)
     for side, ev in got.items():
-        gone = ev[ev["kind"] == abi.Kind.DESTROY]
         new = ev[ev["kind"] == abi.Kind.NEW]
-        summary = (side, buckets, dropped, left, np.unique(gone["reason"]).tolist(), lost)
+        summary = (side, buckets, dropped, left, reasons[side], lost)
         assert dropped[side] > 0 and left[side] == cap - dropped[side] + 1, summary
-        assert len(gone) == dropped[side], summary
-        assert (gone["reason"] == abi.DestroyReason.EARLY_DROP).all(), summary
-        assert set(tuple_of(r) for r in gone) <= set(filled), summary
+        assert len(gone[side]) == dropped[side], summary
+        assert (gone[side]["reason"] == abi.DestroyReason.EARLY_DROP).all(), summary
+        assert set(tuple_of(r) for r in gone[side]) <= set(filled), summary
         assert sorted(tuple_of(r) for r in new) == sorted(filled + last), summary
         assert not (ev["kind"] == abi.Kind.DROP).any(), summary
 
@@ -543,6 +543,13 @@ def test_loss_is_counted(live) -> None:  # type: ignore[no-untyped-def]
         assert len(delivered) + lost == n, (len(delivered), lost, n)
         cause = abi.LostCause.RINGBUF_FULL if src.plan.ringbuf else abi.LostCause.PERF_BUFFER
         assert lost1[cause] - lost0[cause] == lost
+        if src.plan.ringbuf:
+            # The poll after the burst found the ring full to within one record (the
+            # first it refused), and says so in its COUNTER records.
+            counters = tail[tail["kind"] == abi.Kind.COUNTER]
+            ring = dict(zip(counters["reason"].tolist(), counters["value"].tolist()))
+            assert ring[abi.Counter.RING_BYTES] == src.ring_bytes == TEST_RING_PAGES * mmap.PAGESIZE
+            assert src.ring_bytes - RINGBUF_RECORD_BYTES < ring[abi.Counter.RING_PEAK_BYTES] <= src.ring_bytes, ring
 
 
 # Does the kernel report BPF programs' recursion_misses (fdinfo, 5.12+)?

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -26,7 +27,11 @@ import pytest
 from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, sysctls
 
 from ctrace import abi
+from ctrace.model import ModelOptions
+from ctrace.pipeline import fold_file
 from ctrace.recording import open_reader, read
+from ctrace.sources.live import RINGBUF_RECORD_BYTES
+from ctrace.views import report
 
 
 def start(tmp_path, name, *extra: str):  # type: ignore[no-untyped-def]
@@ -163,13 +168,15 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
     lost_rec = np.flatnonzero(ev["kind"] == abi.Kind.LOST)
     lost = int(ev["value"][lost_rec].sum())
     trailer_lost = sum(rec.trailer["lost_bpf"].values())
+    model, _, end = fold_file(str(r["out"]), ModelOptions())
+    ring = report.to_json(model.snapshot(end))["ring"]
     with open(os.path.join(lab_out, "record-sigstop.json"), "w") as f:
         json.dump({"generated": n, "delivered": delivered, "lost": lost, "lost_bpf": rec.trailer["lost_bpf"],
                    "produced": rec.trailer.get("produced"), "ring_pages": RING_PAGES,
                    "skipped_runs": rec.trailer.get("skipped_runs"),
                    "lost_records": [(int(ev["ts_boot_ns"][i]), int(ev["reason"][i]), int(ev["value"][i]))
                                     for i in lost_rec],
-                   "stopped_ns": r["stopped_ns"], "continued_ns": r["continued_ns"]}, f, indent=1)
+                   "stopped_ns": r["stopped_ns"], "continued_ns": r["continued_ns"], "ring": ring}, f, indent=1)
     assert lost > 0
     assert delivered + lost == n, (delivered, lost, n)
     assert trailer_lost == lost == rec.trailer["lost_bpf"]["ringbuf_full"]
@@ -185,6 +192,11 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
     assert set(between.tolist()) <= {abi.Kind.COUNTER}, between
     got = sorted((str(ipaddress.ip_address(bytes(x["orig_src"][:4]))), int(x["orig_sport_be"])) for x in ev[idx])
     assert got == sorted((src, sport) for src, _, sport, _ in sent[:delivered])
+    # The report of the file says how full the ring was when the recorder came back: full
+    # to within one record. (Unless SIGSTOP fell between the recorder's reading of the
+    # ring's positions and its drain: microseconds of its idle 0.2 s poll interval.)
+    size = RING_PAGES * mmap.PAGESIZE
+    assert ring["size_bytes"] == size and size - RINGBUF_RECORD_BYTES < ring["peak_bytes"] <= size, ring
 
 
 def test_sigkill_leaves_no_probe(tmp_path) -> None:  # type: ignore[no-untyped-def]

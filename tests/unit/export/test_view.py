@@ -158,3 +158,18 @@ def test_skipped_runs_family_has_a_series_only_where_the_kernel_counts():
     assert 'ctrace_probe_skipped_runs_total{program="sock_state_rtp"} 36.0' in text
     assert "tcp_e" not in text
     assert skipped_runs_family({}).samples == ()
+
+
+def test_ring_buffer_gauges_follow_the_counter_records():
+    m = Model(SourceInfo("t", "t", 0, 0))
+    recs = abi.empty(4)
+    recs["kind"] = abi.Kind.COUNTER
+    recs["ts_boot_ns"] = [NS, NS, 2 * NS, 2 * NS]
+    recs["reason"] = [abi.Counter.RING_BYTES, abi.Counter.RING_PEAK_BYTES] * 2
+    recs["value"] = [1 << 20, 700_000, 1 << 20, 5_000]
+    m.apply(recs)
+    fl = flat(families(m.snapshot()))
+    assert get(fl, "ctrace_ring_buffer_bytes") == 1 << 20
+    assert get(fl, "ctrace_ring_buffer_peak_bytes") == 5_000  # the last second's, not the run's
+    bare = flat(families(Model(SourceInfo("t", "t", 0, 0)).snapshot()))
+    assert not any(name.startswith("ctrace_ring_buffer") for name, _ in bare)
