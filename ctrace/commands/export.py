@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 import click
 
-from ctrace.commands.options import build_model_options, model_options
+from ctrace.commands.options import build_model_options, live_source_options, model_options
 from ctrace.env import Environment
 from ctrace.exporter import DEFAULT_PORT, OUTCOMES, MetricsServer, Publisher, is_loopback, parse_listen
 from ctrace.feeds import Feed, LiveFeed, ReplayFeed
@@ -60,10 +60,11 @@ def _write_ready(path: str, url: str) -> None:
               help="Write the metrics URL to PATH once the first snapshot is served.")
 @click.option("-v", "--verbose", is_flag=True, help="Print compiler and verifier logs in full on failure.")
 @model_options
+@live_source_options
 @click.pass_obj
 def command(env: Environment, listen: str, top_k: int, max_netns: int, interval: float, replay_file: Optional[str],
             replay_speed: str, duration: Optional[float], ready_file: Optional[str], verbose: bool,
-            by: str, prefix4: int, prefix6: int, max_keys: int) -> ExitStatus:
+            by: str, prefix4: int, prefix6: int, max_keys: int, ring_pages: int, attach_method: Optional[str]) -> ExitStatus:
     """Serve conntrack metrics to Prometheus: global and per-netns counters, rates and
     time to full, and the top K source addresses and prefixes (series count bounded:
     see docs/EXPORT.md).
@@ -102,7 +103,7 @@ def command(env: Environment, listen: str, top_k: int, max_netns: int, interval:
     else:
         from ctrace.sources.live import LiveSource
 
-        src = LiveSource(interval=0.1, verbose=verbose, log=env.stderr)
+        src = LiveSource(interval=0.1, ring_pages=ring_pages, verbose=verbose, log=env.stderr, method=attach_method)
         feed = LiveFeed(src, opts)
     server: Optional[MetricsServer] = None
     old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}

@@ -6,6 +6,7 @@ import click
 
 from ctrace.keys import BY_CHOICES, KeySpace
 from ctrace.model import ModelOptions
+from ctrace.sources.base import DEFAULT_RING_PAGES
 from ctrace.status import CtraceError, ExitStatus
 
 
@@ -36,3 +37,11 @@ def attach_method_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="How to attach the kernel function probes: fentry/fexit where BTF and the loader "
                              "allow, else kprobes (auto); kprobes only; or fentry/fexit or fail. "
                              "[default: $CTRACE_ATTACH_METHOD, else auto]")(fn)
+
+
+def live_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--ring-pages and --attach-method: how a command that traces the running kernel does it."""
+    fn = attach_method_option(fn)
+    return click.option("--ring-pages", type=click.IntRange(8, 1 << 20), default=DEFAULT_RING_PAGES, show_default=True,
+                        help="BPF ring buffer size in pages (rounded up to a power of two): raise it when the "
+                             "ring shows HIGH or events are lost to ringbuf_full.")(fn)

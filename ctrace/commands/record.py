@@ -9,7 +9,7 @@ import click
 
 from ctrace import abi
 from ctrace.env import Environment
-from ctrace.commands.options import attach_method_option
+from ctrace.commands.options import live_source_options
 from ctrace.status import CtraceError, ExitStatus
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -27,10 +27,8 @@ def _touch(path: str) -> None:
               help="Touch PATH once every probe is attached and recording has begun.")
 @click.option("--interval", type=click.FloatRange(0.05, 5.0), default=0.2, show_default=True,
               help="Seconds between drains of the event buffer.")
-@click.option("--ring-pages", type=click.IntRange(8, 1 << 20), default=4096, show_default=True,
-              help="BPF ring buffer size in pages (rounded up to a power of two).")
 @click.option("-v", "--verbose", is_flag=True, help="Print compiler and verifier logs in full on failure.")
-@attach_method_option
+@live_source_options
 @click.pass_obj
 def command(env: Environment, output: str, duration: Optional[float], ready_file: Optional[str],
             interval: float, ring_pages: int, verbose: bool, attach_method: Optional[str]) -> ExitStatus:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import click
 
 from ctrace.commands.frames import show
-from ctrace.commands.options import build_model_options, model_options
+from ctrace.commands.options import build_model_options, live_source_options, model_options
 from ctrace.env import Environment
 from ctrace.feeds import Feed, LiveFeed, ReplayFeed
 from ctrace.pipeline import damage_status, open_recording, warn_damage
@@ -26,10 +26,11 @@ from ctrace.views.top import GROUPS, ViewState
 @click.option("--replay", "replay_file", default=None, help="Drive the view from a recording instead of the kernel.")
 @click.option("-v", "--verbose", is_flag=True, help="Print compiler and verifier logs in full on failure.")
 @model_options
+@live_source_options
 @click.pass_obj
 def command(env: Environment, interval: float, count: Optional[int], once: bool, as_json: bool, plain: bool,
             noclear: bool, rows: int, group: str, replay_file: Optional[str], verbose: bool,
-            by: str, prefix4: int, prefix6: int, max_keys: int) -> ExitStatus:
+            by: str, prefix4: int, prefix6: int, max_keys: int, ring_pages: int, attach_method: Optional[str]) -> ExitStatus:
     """Who fills the conntrack table, live: entries vs max, new vs gone per second,
     time to full, per address / prefix / netns, orphans and drops.
 
@@ -56,7 +57,7 @@ def command(env: Environment, interval: float, count: Optional[int], once: bool,
         return damage_status(rec)
     from ctrace.sources.live import LiveSource
 
-    src = LiveSource(interval=0.1, verbose=verbose, log=env.stderr)
+    src = LiveSource(interval=0.1, ring_pages=ring_pages, verbose=verbose, log=env.stderr, method=attach_method)
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         env.error(f"tracing: {sum(1 for p in src.plan.probes if p.attached)} probes attached; "

@@ -6,6 +6,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
+DEFAULT_RING_PAGES = 4096  # the live source's BPF ring buffer: 16 MiB, ~115k events of headroom per poll
+
 
 @dataclass(frozen=True)
 class SourceInfo:

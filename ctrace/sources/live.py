@@ -26,11 +26,10 @@ import numpy as np
 
 from ctrace import abi, kernel, sysinfo
 from ctrace.sources import prog_info
-from ctrace.sources.base import Source, SourceInfo
+from ctrace.sources.base import DEFAULT_RING_PAGES, Source, SourceInfo
 from ctrace.status import CtraceError, ExitStatus
 
 CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)
-DEFAULT_RING_PAGES = 4096  # 16 MiB: ~115k events of headroom per poll
 # Events this close to "now" wait for the next batch: keeps cross-CPU order,
 # and gives an ORPHAN candidate its grace period (see _confirm_orphans).
 ORPHAN_GRACE_NS = 300_000_000

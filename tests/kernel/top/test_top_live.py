@@ -4,6 +4,7 @@ traffic runs. One kernel of the matrix (one bcc compile is dear under emulation)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,10 +58,14 @@ def row(out: str, label: str) -> list:
 def test_top_live_follows_traffic_and_keys() -> None:
     assert shutil.which("tmux"), "tmux missing from the lab image"
     tree = os.environ.get("CTRACE_LAB_TREE", os.getcwd())
-    cmd = f"cd {tree} && PYTHONPATH={tree} TERM=screen exec {sys.executable} -m ctrace top 1 2>{ERR}"
+    cmd = f"cd {tree} && PYTHONPATH={tree} TERM=screen exec {sys.executable} -m ctrace top 1 --ring-pages 512 2>{ERR}"
     tmux("new-session", "-d", "-s", SESSION, "-x", "120", "-y", "40", cmd)
     try:
         wait_screen(lambda s: "ADDRESS" in s, 600, "the top screen (bcc compile)")
+        # once the first counter records are folded (within about a second), the header's
+        # probes line shows the ring's headroom (a 2 MiB ring, nearly idle)
+        wait_screen(lambda s: re.search(r"^probes \S+  ring \d+%  filter ", s, re.M) is not None, 10,
+                    "the ring's headroom in the header")
         with Topology.create(prefix="cttop") as topo:
             server = topo.tcp_server(port=9090)
             a, b = topo.client_v4[0], topo.client_v4[1]
