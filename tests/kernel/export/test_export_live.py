@@ -19,31 +19,16 @@ import sys
 import threading
 import time
 import urllib.request
-from typing import Callable
 
 import pytest
 
-from lab_toolkit import Topology, close_fin, close_rst, conntrack_flush
+from lab_toolkit import Topology, close_fin, close_rst, conntrack_flush, counting_programs
 
 from ctrace.exporter import THREAD_NAME
 from ctrace.recording import read
 from ctrace.sources.live import DEFAULT_RING_PAGES
 
 pytest.importorskip("prometheus_client")
-
-# Probes whose runs make none of the counts compared here (inserts, live entries,
-# removals by reason): the socket one (orphan checks: none arise here) and the
-# conntrack TCP-state one (STATE records: a removal's reason comes from the state its
-# own record carries).
-NOT_COUNTING = {"sock", "tcp_state"}
-
-
-def counting_programs(plan: dict) -> Callable[[str], bool]:
-    """From a recording's plan (its header): whether a program's runs make those counts.
-    A program the plan does not name is taken to make them (more slack, never a
-    false failure)."""
-    quiet = {prog for p in plan["probes"] if p["name"] in NOT_COUNTING for prog in p["programs"]}
-    return lambda program: program not in quiet
 
 
 LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator
 import numpy as np
 import pytest
 
-from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, sysctls
+from lab_toolkit import Topology, close_fin, conntrack_flush, conntrack_list, counting_programs, sysctls
 
 from ctrace import abi
 from ctrace.model import ModelOptions
@@ -150,11 +150,14 @@ def test_sigterm_closes_recording(stopped_recorder) -> None:  # type: ignore[no-
 
 def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> None:  # type: ignore[no-untyped-def]
     """The recorder stopped with SIGSTOP during a burst larger than its ring: delivered NEW
-    records of the burst's namespace + counted lost = generated = `conntrack -L`, lost > 0.
+    records of the burst's namespace + those lost for want of room = generated = `conntrack
+    -L`, lost > 0 (short only by runs of entry programs the kernel skipped, counted too).
     The ring drops the newest records once full, so the delivered ones are the burst's
     first; the recorder notices the loss at its first drain after SIGCONT and writes one
     LOST record (value = lost, cause ringbuf_full) with that drain's time: in the stream it
-    comes right after the last delivered record, before anything recorded later."""
+    comes right after the last delivered record, before anything recorded later. Losses of
+    other causes (6.12 counts kprobe runs it skipped, e.g. of the TCP-state program while
+    the set-up's connections closed) are in-band LOST records of their own."""
     r = stopped_recorder
     assert r["p"].returncode == 0, r["err"]
     rec = read(str(r["out"]))
@@ -177,13 +180,17 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
                    "lost_records": [(int(ev["ts_boot_ns"][i]), int(ev["reason"][i]), int(ev["value"][i]))
                                     for i in lost_rec],
                    "stopped_ns": r["stopped_ns"], "continued_ns": r["continued_ns"], "ring": ring}, f, indent=1)
-    assert lost > 0
-    assert delivered + lost == n, (delivered, lost, n)
-    assert trailer_lost == lost == rec.trailer["lost_bpf"]["ringbuf_full"]
-    # where: one LOST record, written at the first drain after SIGCONT ...
-    assert len(lost_rec) == 1, lost_rec
-    i = int(lost_rec[0])
-    assert int(ev["reason"][i]) == abi.LostCause.RINGBUF_FULL
+    ring_rec = lost_rec[ev["reason"][lost_rec] == abi.LostCause.RINGBUF_FULL]
+    ring_lost = int(ev["value"][ring_rec].sum())
+    counts_entries = counting_programs(rec.info.extra["plan"])
+    entry_skips = sum(v or 0 for prog, v in (rec.trailer.get("skipped_runs") or {}).items() if counts_entries(prog))
+    summary = (delivered, ring_lost, entry_skips, n, rec.trailer["lost_bpf"])
+    assert ring_lost > 0
+    assert n - entry_skips <= delivered + ring_lost <= n, summary
+    assert trailer_lost == lost and rec.trailer["lost_bpf"]["ringbuf_full"] == ring_lost, summary
+    # where: one ring-full LOST record, written at the first drain after SIGCONT ...
+    assert len(ring_rec) == 1, lost_rec
+    i = int(ring_rec[0])
     assert r["continued_ns"] <= int(ev["ts_boot_ns"][i]) <= r["continued_ns"] + 2_000_000_000
     # ... after every delivered record of the burst, and those are the burst's first
     idx = np.flatnonzero(burst)
@@ -191,7 +198,10 @@ def test_sigstop_loss_is_counted_and_marked(stopped_recorder, lab_out: str) -> N
     between = ev["kind"][idx.max() + 1 : i]
     assert set(between.tolist()) <= {abi.Kind.COUNTER}, between
     got = sorted((str(ipaddress.ip_address(bytes(x["orig_src"][:4]))), int(x["orig_sport_be"])) for x in ev[idx])
-    assert got == sorted((src, sport) for src, _, sport, _ in sent[:delivered])
+    first = sorted((src, sport) for src, _, sport, _ in sent[:delivered + entry_skips])
+    assert set(got) <= set(first)
+    if not entry_skips:
+        assert got == first
     # The report of the file says how full the ring was when the recorder came back: full
     # to within one record. (Unless SIGSTOP fell between the recorder's reading of the
     # ring's positions and its drain: microseconds of its idle 0.2 s poll interval.)
