@@ -549,7 +549,8 @@ class LiveSource(Source):
         return abi.concat(out) if out else abi.empty(0)
 
     def _counter_records(self) -> np.ndarray:
-        """COUNTER records of the kernel's own figures, stamped when they were read."""
+        """COUNTER records of the kernel's own figures and of the ring's headroom (then reset),
+        stamped when they were read."""
         sysctls = sysinfo.read_sysctls()
         stat = sysinfo.read_stat()
         ns = sysinfo.own_netns()
